@@ -1,0 +1,90 @@
+"""Grouped-query self-attention with rotary positions, a KV cache and bounded memory.
+
+Scores are computed one block of queries against one block of keys at a time, with a
+running ("online") softmax, as in FlashAttention: memory for scores is
+O(block x block) per head whatever the prompt length, never the full T x S matrix.
+"""
+
+import numpy as np
+
+from refqwen.cache import LayerCache
+from refqwen.linear import linear
+from refqwen.rope import apply_rotary
+
+BLOCK = 256  # queries and keys per block: scores use KV x G x 256 x 256 floats at most
+
+
+class Attention:
+    def __init__(self, q_proj, q_bias, k_proj, k_bias, v_proj, v_bias, o_proj, num_heads, num_kv_heads):
+        self.q_proj, self.q_bias = q_proj, q_bias  # [H*D, C], [H*D]
+        self.k_proj, self.k_bias = k_proj, k_bias  # [KV*D, C], [KV*D]
+        self.v_proj, self.v_bias = v_proj, v_bias  # [KV*D, C], [KV*D]
+        self.o_proj = o_proj  # [C, H*D], no bias
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+
+    @classmethod
+    def from_weights(cls, w: dict, prefix: str, cfg) -> "Attention":
+        def bias(name):  # qwen2_moe may switch q/k/v biases off (qkv_bias: false)
+            return w[f"{prefix}.{name}.bias"] if cfg.qkv_bias else None
+
+        return cls(w[f"{prefix}.q_proj.weight"], bias("q_proj"), w[f"{prefix}.k_proj.weight"], bias("k_proj"),
+                   w[f"{prefix}.v_proj.weight"], bias("v_proj"), w[f"{prefix}.o_proj.weight"],
+                   cfg.num_attention_heads, cfg.num_key_value_heads)
+
+    def __call__(self, x, cos, sin, cache: LayerCache, window: int | None) -> np.ndarray:
+        """x [T, C]; cos, sin [T, D] for the T new positions -> [T, C]"""
+        T = x.shape[0]
+        q = linear(x, self.q_proj, self.q_bias).reshape(T, self.num_heads, -1)  # [T, H, D]
+        k = linear(x, self.k_proj, self.k_bias).reshape(T, self.num_kv_heads, -1)  # [T, KV, D]
+        v = linear(x, self.v_proj, self.v_bias).reshape(T, self.num_kv_heads, -1)  # [T, KV, D]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        start = cache.length  # position of the first new token
+        keys, values = cache.append(k, v)  # [S, KV, D], S = start + T
+        out = causal_attention(q, keys, values, start, window)  # [T, H, D]
+        return linear(out.reshape(T, -1), self.o_proj)
+
+
+def causal_attention(q, k, v, start: int, window: int | None = None, block: int = BLOCK) -> np.ndarray:
+    """softmax(q kᵀ / sqrt(D) + mask) v, block by block.
+
+    q [T, H, D] at positions start .. start+T-1; k, v [S, KV, D] at positions 0 .. S-1.
+    Query head h reads key/value head h // (H / KV). A query at position i sees key j iff
+    j <= i and, with a window, i - j < window.  -> [T, H, D]
+    """
+    T, H, D = q.shape
+    KV = k.shape[1]
+    G = H // KV  # query heads per key/value head
+    q = q.reshape(T, KV, G, D).transpose(1, 2, 0, 3) * np.float32(D ** -0.5)  # [KV, G, T, D]
+    k, v = k.transpose(1, 0, 2), v.transpose(1, 0, 2)  # [KV, S, D]
+    out = np.empty((KV, G, T, D), np.float32)
+    for t0 in range(0, T, block):
+        t1 = min(t0 + block, T)
+        out[:, :, t0:t1] = _attend_block(q[:, :, t0:t1], k, v, np.arange(start + t0, start + t1), window, block)
+    return out.transpose(2, 0, 1, 3).reshape(T, H, D)  # [T, H, D]
+
+
+def _attend_block(q, k, v, q_pos, window, block):
+    """One block of queries q [KV, G, t, D] at positions q_pos [t] against all visible keys."""
+    first = 0 if window is None else max(0, q_pos[0] - window + 1)  # earliest key any query here sees
+    last = q_pos[-1]  # latest key any query here sees
+    running_max = np.full(q.shape[:3] + (1,), -np.inf, np.float32)  # [KV, G, t, 1]
+    denom = np.zeros(q.shape[:3] + (1,), np.float32)  # [KV, G, t, 1]
+    acc = np.zeros(q.shape, np.float32)  # [KV, G, t, D]
+    for s0 in range((first // block) * block, last + 1, block):
+        s1 = min(s0 + block, last + 1)
+        k_pos = np.arange(s0, s1)
+        visible = k_pos[None, :] <= q_pos[:, None]  # [t, s]
+        if window is not None:
+            visible &= q_pos[:, None] - k_pos[None, :] < window
+        scores = q @ k[:, None, s0:s1].swapaxes(-1, -2)  # [KV, G, t, s]
+        scores = np.where(visible, scores, -np.inf)
+        new_max = np.maximum(running_max, scores.max(axis=-1, keepdims=True))
+        # a query that has seen no key yet has max -inf; shift it by 0 instead so exp gives 0, not NaN
+        shift = np.where(np.isfinite(new_max), new_max, np.float32(0))
+        rescale = np.exp(running_max - shift)  # shrink what was summed under the old maximum
+        p = np.exp(scores - shift)  # [KV, G, t, s]
+        denom = denom * rescale + p.sum(axis=-1, keepdims=True)
+        acc = acc * rescale + p @ v[:, None, s0:s1]  # [KV, G, t, D]
+        running_max = new_max
+    return acc / denom
+

@@ -1,0 +1,41 @@
+"""The key/value cache: every layer's rotated keys and its values for all positions seen so far."""
+
+import numpy as np
+
+
+class LayerCache:
+    """Keys and values of one layer, [S, KV, D] each, grown by doubling so appends stay cheap."""
+
+    def __init__(self, num_kv_heads: int, head_dim: int):
+        self.keys = np.empty((0, num_kv_heads, head_dim), np.float32)
+        self.values = np.empty((0, num_kv_heads, head_dim), np.float32)
+        self.length = 0
+
+    def append(self, k: np.ndarray, v: np.ndarray):
+        """Add k, v [T, KV, D]; return all keys and values so far, [S + T, KV, D] each (views)."""
+        end = self.length + k.shape[0]
+        if end > self.keys.shape[0]:
+            capacity = max(end, 2 * self.keys.shape[0], 16)
+            self.keys = _grow(self.keys, capacity, self.length)
+            self.values = _grow(self.values, capacity, self.length)
+        self.keys[self.length:end] = k
+        self.values[self.length:end] = v
+        self.length = end
+        return self.keys[:end], self.values[:end]
+
+
+def _grow(buffer: np.ndarray, capacity: int, used: int) -> np.ndarray:
+    bigger = np.empty((capacity, *buffer.shape[1:]), buffer.dtype)
+    bigger[:used] = buffer[:used]
+    return bigger
+
+
+class KVCache:
+    """One LayerCache per decoder layer; `length` is the number of positions already processed."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int):
+        self.layers = [LayerCache(num_kv_heads, head_dim) for _ in range(num_layers)]
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length

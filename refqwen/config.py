@@ -1,0 +1,291 @@
+"""Model hyper-parameters, read from a Hugging Face config.json or a GGUF header.
+
+`Config` holds what the checkpoint states. Everything computed from it (head size,
+KV group size, which layers are sparse MoE, which layers use a sliding window, the
+rotary frequencies and YaRN attention factor) lives in the "Derived values" section
+below and nowhere else, so there is one place to read and one place to check.
+"""
+
+import json
+import math
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from refqwen import rope
+from refqwen.errors import ConfigError
+
+# Hugging Face class name -> our model_type; GGUF general.architecture -> our model_type.
+HF_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen2MoeForCausalLM": "qwen2_moe"}
+GGUF_ARCHITECTURES = {"qwen2": "qwen2", "qwen2moe": "qwen2_moe"}
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+@dataclass(frozen=True)
+class YarnScaling:
+    """YaRN context extension, the only rotary scaling Qwen2 ships."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None  # None: 0.1 ln(factor) + 1
+    truncate: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    model_type: str  # "qwen2" (dense) or "qwen2_moe"
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int  # dense MLP width (MoE models use it on their non-sparse layers)
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: YarnScaling | None = None
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = True
+    # Sliding-window attention: `sliding_window` is None when it is switched off.
+    sliding_window: int | None = None
+    max_window_layers: int = 28
+    layer_types: tuple[str, ...] | None = None  # explicit per-layer choice, as transformers 5 writes it
+    # Mixture of experts (qwen2_moe only).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        def need(ok, message):
+            if not ok:
+                raise ConfigError(f"invalid Qwen2 config: {message}")
+
+        need(self.model_type in ("qwen2", "qwen2_moe"), f"model_type {self.model_type!r} is not qwen2 or qwen2_moe")
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, f"{name} must be a positive integer")
+        need(self.hidden_size % self.num_attention_heads == 0,
+             f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}")
+        need(self.num_attention_heads % self.num_key_value_heads == 0,
+             f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+             f"num_key_value_heads {self.num_key_value_heads}")
+        need(self.head_dim % 2 == 0, f"head_dim {self.head_dim} must be even for rotary embeddings")
+        if self.layer_types is not None:
+            need(len(self.layer_types) == self.num_hidden_layers and set(self.layer_types) <= set(LAYER_TYPES),
+                 f"layer_types must list {self.num_hidden_layers} entries from {LAYER_TYPES}")
+        if self.sliding_layers:
+            need(self.sliding_window is not None and self.sliding_window > 0,
+                 "sliding-window layers need a positive sliding_window")
+        if self.model_type == "qwen2_moe" and self.num_experts > 0:
+            need(0 < self.num_experts_per_tok <= self.num_experts,
+                 f"num_experts_per_tok {self.num_experts_per_tok} must be in 1..num_experts ({self.num_experts})")
+            need(self.moe_intermediate_size > 0, "moe_intermediate_size must be positive")
+            need(self.decoder_sparse_step > 0, "decoder_sparse_step must be positive")
+
+    # ---- Derived values: the one place where they are computed -------------------------
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def kv_group_size(self) -> int:
+        """How many query heads share one key/value head (grouped-query attention)."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @cached_property
+    def sparse_layers(self) -> frozenset[int]:
+        """Layers whose MLP is the sparse MoE block (transformers' Qwen2MoeDecoderLayer rule)."""
+        if self.model_type != "qwen2_moe" or self.num_experts == 0:
+            return frozenset()
+        return frozenset(i for i in range(self.num_hidden_layers)
+                         if i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0)
+
+    @cached_property
+    def sliding_layers(self) -> frozenset[int]:
+        """Layers that attend only to the last `sliding_window` positions."""
+        if self.layer_types is not None:
+            return frozenset(i for i, t in enumerate(self.layer_types) if t == "sliding_attention")
+        if self.sliding_window is None:
+            return frozenset()
+        if self.model_type == "qwen2":  # the upper layers slide
+            return frozenset(range(self.max_window_layers, self.num_hidden_layers))
+        # qwen2_moe: even-numbered layers below max_window_layers slide
+        return frozenset(i for i in range(min(self.max_window_layers, self.num_hidden_layers)) if i % 2 == 0)
+
+    def window(self, layer: int) -> int | None:
+        """The attention window of a layer, or None for full causal attention."""
+        return self.sliding_window if layer in self.sliding_layers else None
+
+    @cached_property
+    def rope_inv_freq(self) -> np.ndarray:
+        """Rotary inverse frequencies.  -> [head_dim / 2] float32"""
+        if self.rope_scaling is None:
+            return rope.default_inv_freq(self.rope_theta, self.head_dim)
+        s = self.rope_scaling
+        return rope.yarn_inv_freq(self.rope_theta, self.head_dim, s.factor, s.original_max_position_embeddings,
+                                  s.beta_fast, s.beta_slow, s.truncate)
+
+    @property
+    def rope_attention_factor(self) -> float:
+        """The factor YaRN applies to cos and sin (so attention logits scale by its square)."""
+        if self.rope_scaling is None:
+            return 1.0
+        if self.rope_scaling.attention_factor is not None:
+            return self.rope_scaling.attention_factor
+        return rope.yarn_attention_factor(self.rope_scaling.factor)
+
+    # ---- Construction -------------------------------------------------------------------
+
+    @classmethod
+    def from_hf_file(cls, path) -> "Config":
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no config.json (a Hugging Face model folder needs one)") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_hf_dict(raw, source=str(path))
+
+    @classmethod
+    def from_hf_dict(cls, raw: dict, source: str = "config.json") -> "Config":
+        """Build from the keys of a Hugging Face config.json (transformers 4.x or 5.x)."""
+        model_type = _hf_model_type(raw, source)
+
+        def key(name, default=_REQUIRED):
+            if name in raw and raw[name] is not None:
+                return raw[name]
+            if default is _REQUIRED:
+                raise ConfigError(f"{source}: missing key {name!r}, required for {model_type}")
+            return default
+
+        theta, scaling = _hf_rope(raw, source)
+        eos = key("eos_token_id", None)
+        fields = dict(
+            model_type=model_type,
+            vocab_size=key("vocab_size"),
+            hidden_size=key("hidden_size"),
+            num_hidden_layers=key("num_hidden_layers"),
+            num_attention_heads=key("num_attention_heads"),
+            num_key_value_heads=key("num_key_value_heads", key("num_attention_heads")),
+            intermediate_size=key("intermediate_size"),
+            rms_norm_eps=float(key("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            max_position_embeddings=key("max_position_embeddings", 32768),
+            tie_word_embeddings=bool(key("tie_word_embeddings", False)),
+            sliding_window=key("sliding_window", None) if key("use_sliding_window", False) else None,
+            max_window_layers=key("max_window_layers", 28),
+            layer_types=tuple(raw["layer_types"]) if raw.get("layer_types") else None,
+            eos_token_ids=tuple([eos] if isinstance(eos, int) else eos or []),
+        )
+        if model_type == "qwen2_moe":
+            fields.update(
+                qkv_bias=bool(key("qkv_bias", True)),
+                num_experts=key("num_experts"),
+                num_experts_per_tok=key("num_experts_per_tok"),
+                moe_intermediate_size=key("moe_intermediate_size"),
+                shared_expert_intermediate_size=key("shared_expert_intermediate_size"),
+                norm_topk_prob=bool(key("norm_topk_prob", False)),
+                decoder_sparse_step=key("decoder_sparse_step", 1),
+                mlp_only_layers=tuple(key("mlp_only_layers", ())),
+            )
+        return cls(**fields)
+
+    @classmethod
+    def from_gguf_metadata(cls, meta: dict, vocab_size: int, has_output: bool, source: str) -> "Config":
+        """Build from GGUF key/values (`meta`: key -> Python value) and two facts about its tensors."""
+        arch = meta.get("general.architecture")
+        if arch not in GGUF_ARCHITECTURES:
+            raise ConfigError(f"{source}: GGUF architecture {arch!r} is not supported; "
+                              f"refqwen runs {sorted(GGUF_ARCHITECTURES)}")
+
+        def key(name, default=_REQUIRED):
+            full = f"{arch}.{name}"
+            if full in meta:
+                return meta[full]
+            if default is _REQUIRED:
+                raise ConfigError(f"{source}: missing GGUF key {full!r}")
+            return default
+
+        heads = key("attention.head_count")
+        scaling = None
+        if key("rope.scaling.type", "none") == "yarn":
+            scaling = YarnScaling(factor=float(key("rope.scaling.factor")),
+                                  original_max_position_embeddings=int(key("rope.scaling.original_context_length")))
+        eos = meta.get("tokenizer.ggml.eos_token_id")
+        fields = dict(
+            model_type=GGUF_ARCHITECTURES[arch],
+            vocab_size=vocab_size,
+            hidden_size=key("embedding_length"),
+            num_hidden_layers=key("block_count"),
+            num_attention_heads=heads,
+            num_key_value_heads=key("attention.head_count_kv", heads),
+            intermediate_size=key("feed_forward_length"),
+            rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+            rope_theta=float(key("rope.freq_base", 10000.0)),
+            rope_scaling=scaling,
+            max_position_embeddings=key("context_length"),
+            tie_word_embeddings=not has_output,
+            eos_token_ids=() if eos is None else (int(eos),),
+        )
+        if fields["model_type"] == "qwen2_moe":
+            fields.update(
+                num_experts=key("expert_count"),
+                num_experts_per_tok=key("expert_used_count"),
+                moe_intermediate_size=key("expert_feed_forward_length"),
+                shared_expert_intermediate_size=key("expert_shared_feed_forward_length"),
+            )
+        return cls(**fields)
+
+
+_REQUIRED = object()
+
+
+def _hf_model_type(raw: dict, source: str) -> str:
+    archs = raw.get("architectures") or []
+    for arch in archs:
+        if arch in HF_ARCHITECTURES:
+            return HF_ARCHITECTURES[arch]
+    if not archs and raw.get("model_type") in ("qwen2", "qwen2_moe"):
+        return raw["model_type"]
+    found = archs or raw.get("model_type")
+    raise ConfigError(f"{source}: architecture {found!r} is not supported; "
+                      f"refqwen runs {sorted(HF_ARCHITECTURES)}")
+
+
+def _hf_rope(raw: dict, source: str) -> tuple[float, YarnScaling | None]:
+    """(rope_theta, scaling) from either `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling`."""
+    params = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+    if params and all(isinstance(v, dict) for v in params.values()):
+        raise ConfigError(f"{source}: per-layer-type rope_parameters are not used by Qwen2")
+    theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind != "yarn":
+        raise ConfigError(f"{source}: rope type {kind!r} is not supported; Qwen2 uses 'default' or 'yarn'")
+    if params.get("mscale") and params.get("mscale_all_dim"):
+        raise ConfigError(f"{source}: YaRN with mscale/mscale_all_dim (DeepSeek style) is not a Qwen2 setting")
+    max_pos = raw.get("max_position_embeddings", 32768)
+    original = params.get("original_max_position_embeddings") or raw.get("original_max_position_embeddings") or max_pos
+    factor = params.get("factor") or max_pos / original
+    if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
+        raise ConfigError(f"{source}: YaRN factor must be a positive number, got {factor!r}")
+    return theta, YarnScaling(
+        factor=float(factor),
+        original_max_position_embeddings=int(original),
+        beta_fast=float(params.get("beta_fast") or 32.0),
+        beta_slow=float(params.get("beta_slow") or 1.0),
+        attention_factor=params.get("attention_factor"),
+        truncate=bool(params.get("truncate", True)),
+    )

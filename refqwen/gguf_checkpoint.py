@@ -1,0 +1,104 @@
+"""Load a GGUF file (llama.cpp's format) with the `gguf` package: read its qwen2/qwen2moe
+header into a Config, dequantize every tensor to float32 and rename it to the Hugging Face
+name the model code uses.
+
+GGUF lists dimensions innermost first (ggml order); NumPy order is the reverse, so a
+Linear weight of ggml shape [in, out] arrives as the familiar [out, in].
+"""
+
+import re
+from pathlib import Path
+
+import gguf
+import numpy as np
+from tqdm import tqdm
+
+from refqwen.config import Config
+from refqwen.errors import WeightsError
+from refqwen.weights import check_shapes
+
+# GGUF tensor name (after "blk.N.") -> Hugging Face name (after "model.layers.N.")
+LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight", "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.weight": "self_attn.k_proj.weight", "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.weight": "self_attn.v_proj.weight", "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+    "ffn_gate_inp.weight": "mlp.gate.weight",  # MoE router
+    "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
+    "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight",
+    "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
+    "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
+}
+# MoE experts are stored stacked, [E, out, in]; we split them into one tensor per expert.
+STACKED_EXPERTS = {"ffn_gate_exps.weight": "gate_proj", "ffn_up_exps.weight": "up_proj",
+                   "ffn_down_exps.weight": "down_proj"}
+GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                "output.weight": "lm_head.weight"}
+ROWS_PER_CHUNK = 16384  # dequantize this many rows at a time to bound temporary memory
+
+
+def open_gguf(path) -> gguf.GGUFReader:
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such GGUF file")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError, IndexError, ... on damaged files
+        raise WeightsError(f"{path}: not a readable GGUF file (truncated or corrupt?): {e}") from None
+
+
+def gguf_metadata(reader: gguf.GGUFReader, prefixes=("general.", "qwen2", "tokenizer.ggml.eos")) -> dict:
+    """The header's key/value pairs under the given prefixes, as plain Python values."""
+    return {k: f.contents() for k, f in reader.fields.items() if k.startswith(prefixes)}
+
+
+def load_gguf(path, progress: bool = True) -> tuple[Config, dict[str, np.ndarray]]:
+    reader = open_gguf(path)
+    by_name = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in by_name:
+        raise WeightsError(f"{path}: missing tensor token_embd.weight")
+    vocab_size = int(by_name["token_embd.weight"].shape[-1])
+    cfg = Config.from_gguf_metadata(gguf_metadata(reader), vocab_size, "output.weight" in by_name, str(path))
+    weights = {}
+    for t in tqdm(reader.tensors, desc="dequantizing GGUF", unit="tensor", disable=not progress):
+        weights.update(_renamed(t.name, dequantize(t, path)))
+    if cfg.num_experts and "model.layers.0.mlp.shared_expert_gate.weight" in weights:
+        for i in cfg.sparse_layers:  # llama.cpp stores the shared-expert gate as a vector
+            name = f"model.layers.{i}.mlp.shared_expert_gate.weight"
+            weights[name] = weights[name].reshape(1, -1)
+    check_shapes({n: w.shape for n, w in weights.items()}, cfg, source=str(path))
+    return cfg, weights
+
+
+def dequantize(t, path) -> np.ndarray:
+    """Any tensor type the gguf package knows -> float32, in NumPy order, chunk by chunk."""
+    shape = tuple(int(d) for d in reversed(t.shape))  # NumPy order
+    out = np.empty(shape, np.float32)
+    rows_in = t.data.reshape(-1, t.data.shape[-1])  # [R, bytes or values per row]
+    rows_out = out.reshape(-1, shape[-1])  # [R, cols]
+    if rows_in.shape[0] != rows_out.shape[0]:
+        raise WeightsError(f"{path}: tensor {t.name} data does not match its shape {shape} (truncated file?)")
+    try:
+        for r0 in range(0, rows_in.shape[0], ROWS_PER_CHUNK):
+            chunk = gguf.quants.dequantize(np.asarray(rows_in[r0:r0 + ROWS_PER_CHUNK]), t.tensor_type)
+            rows_out[r0:r0 + ROWS_PER_CHUNK] = chunk.reshape(-1, shape[-1])
+    except NotImplementedError:
+        raise WeightsError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, "
+                           f"which the gguf package cannot dequantize") from None
+    return out
+
+
+def _renamed(name: str, w: np.ndarray) -> dict[str, np.ndarray]:
+    if name in GLOBAL_NAMES:
+        return {GLOBAL_NAMES[name]: w}
+    m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
+    if m and m.group(2) in LAYER_NAMES:
+        return {f"model.layers.{m.group(1)}.{LAYER_NAMES[m.group(2)]}": w}
+    if m and m.group(2) in STACKED_EXPERTS:
+        proj = STACKED_EXPERTS[m.group(2)]
+        return {f"model.layers.{m.group(1)}.mlp.experts.{e}.{proj}.weight": w[e] for e in range(w.shape[0])}
+    return {name: w}  # unknown: left under its own name, so the shape check reports it

@@ -1,0 +1,93 @@
+"""Load a Hugging Face model folder: config.json plus safetensors weights (one file or shards).
+
+Float32 tensors are memory-mapped straight from the file (no copy in RAM until touched,
+and then only the page cache); float16 and bfloat16 tensors are widened to float32 one
+tensor at a time. The `safetensors` package reads into fresh arrays and has no NumPy
+bfloat16, so we read its simple layout directly: an 8-byte little-endian header length,
+a JSON header {name: {dtype, shape, data_offsets}}, then the raw data.
+"""
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from refqwen.config import Config
+from refqwen.errors import WeightsError
+from refqwen.weights import check_shapes
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # BF16 read as raw 16-bit words
+
+
+def load_hf_folder(folder, progress: bool = True) -> tuple[Config, dict[str, np.ndarray]]:
+    folder = Path(folder)
+    cfg = Config.from_hf_file(folder / "config.json")
+    headers = {f: read_header(f) for f in _weight_files(folder)}  # file -> {name: (dtype, shape, start, end)}
+    found = {name: h[1] for header in headers.values() for name, h in header.items()}
+    check_shapes(found, cfg, source=str(folder))
+    weights = {}
+    with tqdm(total=len(found), desc="loading weights", unit="tensor", disable=not progress) as bar:
+        for file, header in headers.items():
+            raw = np.memmap(file, dtype=np.uint8, mode="r")
+            for name, (dtype, shape, start, end) in header.items():
+                weights[name] = _as_float32(raw[start:end].view(DTYPES[dtype]).reshape(shape), dtype)
+                bar.update()
+    return cfg, weights
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    if (folder / SINGLE_FILE).exists():
+        return [folder / SINGLE_FILE]
+    index = folder / INDEX_FILE
+    if not index.exists():
+        raise WeightsError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE} found")
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise WeightsError(f"{index}: not a safetensors index with a 'weight_map' ({e})") from None
+    files = sorted({folder / f for f in weight_map.values()})
+    for f in files:
+        if not f.exists():
+            raise WeightsError(f"{index}: lists shard {f.name}, which is not in {folder}")
+    return files
+
+
+def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """name -> (dtype, shape, start, end), with start/end absolute byte offsets, all checked."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise WeightsError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise WeightsError(f"{path}: truncated or corrupt safetensors file (header of {n} bytes, file {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise WeightsError(f"{path}: corrupt safetensors header ({e})") from None
+    header.pop("__metadata__", None)
+    tensors = {}
+    for name, info in header.items():
+        dtype, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        if dtype not in DTYPES:
+            raise WeightsError(f"{path}: tensor {name} is {dtype}; refqwen reads {sorted(DTYPES)} checkpoints")
+        if end - start != int(np.prod(shape)) * np.dtype(DTYPES[dtype]).itemsize:
+            raise WeightsError(f"{path}: tensor {name} of shape {shape} has {end - start} bytes of data")
+        if 8 + n + end > size:
+            raise WeightsError(f"{path}: truncated safetensors file: tensor {name} ends at byte {8 + n + end}, "
+                               f"file has {size}")
+        tensors[name] = (dtype, shape, 8 + n + start, 8 + n + end)
+    return tensors
+
+
+def _as_float32(a: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "F32":
+        return a  # stays memory-mapped
+    if dtype == "F16":
+        return a.astype(np.float32)
+    return (a.astype(np.uint32) << 16).view(np.float32)  # bfloat16 is the top half of a float32

@@ -1,0 +1,30 @@
+"""`refqwen.load`: one entry point for Hugging Face folders, GGUF files and the demo model."""
+
+from pathlib import Path
+
+from refqwen.errors import RefqwenError
+from refqwen.model import Model
+
+
+def load(path, backend: str = "numpy", progress: bool = True) -> Model:
+    """Load a model from a Hugging Face folder, a .gguf file, or "demo" (the embedded model)."""
+    from refqwen import backends
+
+    backends.check(backend)
+    if str(path) == "demo":
+        from refqwen.demo import demo_path
+
+        path = demo_path(progress=progress)
+    path = Path(path)
+    if path.is_dir():
+        from refqwen.hf_checkpoint import load_hf_folder
+
+        cfg, weights = load_hf_folder(path, progress=progress)
+    elif path.suffix == ".gguf":
+        from refqwen.gguf_checkpoint import load_gguf
+
+        cfg, weights = load_gguf(path, progress=progress)
+    else:
+        raise RefqwenError(f"{path}: not a model; expected a Hugging Face folder (config.json + safetensors), "
+                           f"a .gguf file, or 'demo'")
+    return Model(cfg, weights, source=str(path), backend=backend)

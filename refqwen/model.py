@@ -1,0 +1,83 @@
+"""The Qwen2 decoder: token ids -> embeddings -> N pre-norm decoder layers -> norm -> logits.
+
+    h   = x + attention(rms_norm(x))
+    out = h + mlp(rms_norm(h))          (mlp is a SparseMoE block on the MoE model's sparse layers)
+"""
+
+import numpy as np
+
+from refqwen.attention import Attention
+from refqwen.cache import KVCache
+from refqwen.config import Config
+from refqwen.errors import RefqwenError
+from refqwen.linear import linear
+from refqwen.mlp import MLP
+from refqwen.moe import SparseMoE
+from refqwen.norm import rms_norm
+from refqwen.rope import rotary_cos_sin
+
+
+class DecoderLayer:
+    def __init__(self, w: dict, i: int, cfg: Config):
+        prefix = f"model.layers.{i}"
+        self.attn_norm = w[f"{prefix}.input_layernorm.weight"]  # [C]
+        self.attn = Attention.from_weights(w, f"{prefix}.self_attn", cfg)
+        self.mlp_norm = w[f"{prefix}.post_attention_layernorm.weight"]  # [C]
+        if i in cfg.sparse_layers:
+            self.mlp = SparseMoE.from_weights(w, f"{prefix}.mlp", cfg)
+        else:
+            self.mlp = MLP.from_weights(w, f"{prefix}.mlp")
+        self.window = cfg.window(i)
+        self.eps = cfg.rms_norm_eps
+
+    def __call__(self, x, cos, sin, cache) -> np.ndarray:
+        """x [T, C] -> [T, C]"""
+        h = x + self.attn(rms_norm(x, self.attn_norm, self.eps), cos, sin, cache, self.window)
+        return h + self.mlp(rms_norm(h, self.mlp_norm, self.eps))
+
+
+class Model:
+    """A loaded Qwen2 model. `forward` maps token ids to next-token logits."""
+
+    def __init__(self, config: Config, weights: dict, source: str = "", backend: str = "numpy"):
+        self.config = config
+        self.source = source  # where the weights came from, for messages and reports
+        self.backend = backend
+        self.embed_tokens = weights["model.embed_tokens.weight"]  # [V, C]
+        self.layers = [DecoderLayer(weights, i, config) for i in range(config.num_hidden_layers)]
+        self.norm = weights["model.norm.weight"]  # [C]
+        # a tied model reuses the embedding matrix as its output projection
+        self.lm_head = self.embed_tokens if config.tie_word_embeddings else weights["lm_head.weight"]  # [V, C]
+
+    def new_cache(self) -> KVCache:
+        cfg = self.config
+        return KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
+
+    def forward(self, ids, cache: KVCache | None = None, last_only: bool = False) -> np.ndarray:
+        """Logits for each of the T new token ids, [T, V] float32 ([1, V] with last_only).
+
+        With a cache, the ids continue the sequence the cache holds, and the cache is extended.
+        """
+        ids = self._check_ids(ids)
+        cache = cache if cache is not None else self.new_cache()
+        if cache.length + len(ids) > self.config.max_position_embeddings:
+            raise RefqwenError(f"{cache.length} cached + {len(ids)} new tokens exceed the context window of "
+                               f"{self.config.max_position_embeddings} positions")
+        positions = np.arange(cache.length, cache.length + len(ids))  # [T]
+        cos, sin = rotary_cos_sin(self.config.rope_inv_freq, positions, self.config.rope_attention_factor)
+        x = self.embed_tokens[ids].astype(np.float32)  # [T, C]
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            x = layer(x, cos, sin, layer_cache)
+        if last_only:
+            x = x[-1:]
+        return linear(rms_norm(x, self.norm, self.config.rms_norm_eps), self.lm_head)  # [T, V]
+
+    def _check_ids(self, ids) -> np.ndarray:
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+            raise RefqwenError(f"ids must be a non-empty 1-D sequence of integer token ids, got shape {ids.shape} "
+                               f"of {ids.dtype}")
+        bad = ids[(ids < 0) | (ids >= self.config.vocab_size)]
+        if bad.size:
+            raise RefqwenError(f"token id {int(bad[0])} is outside the vocabulary [0, {self.config.vocab_size})")
+        return ids

@@ -1,0 +1,59 @@
+"""The Qwen2-MoE feed-forward block: top-k routed SwiGLU experts plus a gated shared expert.
+
+    p = softmax(router(x))                      over all experts, in float32
+    chosen = top-k of p (renormalised to sum 1 if norm_topk_prob)
+    y = sum_j p_j * expert_j(x)  +  sigmoid(shared_gate(x)) * shared_expert(x)
+"""
+
+import numpy as np
+
+from refqwen.linear import linear
+from refqwen.mlp import MLP
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, shifted by the row maximum so exp never overflows."""
+    e = np.exp(x - np.max(x, axis=-1, keepdims=True))
+    return e / np.sum(e, axis=-1, keepdims=True)
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        return np.float32(1) / (np.float32(1) + np.exp(-x))
+
+
+def route_tokens(x, router, top_k, norm_topk_prob):
+    """Choose experts per token.  x [T, C], router [E, C] -> (experts [T, k] int, weights [T, k])"""
+    probs = softmax(linear(x, router))  # [T, E]
+    # top-k by descending probability; a stable sort keeps the lower index first on ties, as torch.topk does
+    experts = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k]  # [T, k]
+    weights = np.take_along_axis(probs, experts, axis=-1)  # [T, k]
+    if norm_topk_prob:
+        weights = weights / np.sum(weights, axis=-1, keepdims=True)
+    return experts, weights
+
+
+class SparseMoE:
+    def __init__(self, router, experts: list[MLP], shared_expert: MLP, shared_expert_gate, top_k, norm_topk_prob):
+        self.router = router  # [E, C]
+        self.experts = experts  # E SwiGLU MLPs of width moe_intermediate_size
+        self.shared_expert = shared_expert  # one SwiGLU MLP of width shared_expert_intermediate_size
+        self.shared_expert_gate = shared_expert_gate  # [1, C]
+        self.top_k = top_k
+        self.norm_topk_prob = norm_topk_prob
+
+    @classmethod
+    def from_weights(cls, w: dict, prefix: str, cfg) -> "SparseMoE":
+        experts = [MLP.from_weights(w, f"{prefix}.experts.{e}") for e in range(cfg.num_experts)]
+        return cls(w[f"{prefix}.gate.weight"], experts, MLP.from_weights(w, f"{prefix}.shared_expert"),
+                   w[f"{prefix}.shared_expert_gate.weight"], cfg.num_experts_per_tok, cfg.norm_topk_prob)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """x [T, C] -> [T, C]"""
+        experts, weights = route_tokens(x, self.router, self.top_k, self.norm_topk_prob)  # [T, k] each
+        out = np.zeros_like(x)
+        for e in np.unique(experts):  # only the experts some token chose
+            tokens, slot = np.nonzero(experts == e)  # which tokens picked e, and in which of their k slots
+            out[tokens] += weights[tokens, slot, None] * self.experts[e](x[tokens])
+        shared = sigmoid(linear(x, self.shared_expert_gate)) * self.shared_expert(x)  # [T, 1] * [T, C]
+        return out + shared

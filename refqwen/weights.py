@@ -1,0 +1,63 @@
+"""The tensors a Qwen2 checkpoint holds, by their Hugging Face names, and the check that a
+checkpoint holds exactly those, each with the right shape.
+
+Every loader (safetensors folders, GGUF files) maps its tensors onto these names, so the
+model code sees one naming whatever the file format.
+"""
+
+from refqwen.config import Config
+from refqwen.errors import WeightsError
+
+
+def expected_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor the model reads (linear weights are [out, in])."""
+    C, V, D = cfg.hidden_size, cfg.vocab_size, cfg.head_dim
+    q_out, kv_out = cfg.num_attention_heads * D, cfg.num_key_value_heads * D
+    shapes = {"model.embed_tokens.weight": (V, C), "model.norm.weight": (C,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (V, C)
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}"
+        shapes[f"{p}.input_layernorm.weight"] = (C,)
+        shapes[f"{p}.post_attention_layernorm.weight"] = (C,)
+        shapes[f"{p}.self_attn.q_proj.weight"] = (q_out, C)
+        shapes[f"{p}.self_attn.k_proj.weight"] = (kv_out, C)
+        shapes[f"{p}.self_attn.v_proj.weight"] = (kv_out, C)
+        shapes[f"{p}.self_attn.o_proj.weight"] = (C, q_out)
+        if cfg.qkv_bias:
+            shapes[f"{p}.self_attn.q_proj.bias"] = (q_out,)
+            shapes[f"{p}.self_attn.k_proj.bias"] = (kv_out,)
+            shapes[f"{p}.self_attn.v_proj.bias"] = (kv_out,)
+        if i in cfg.sparse_layers:
+            shapes[f"{p}.mlp.gate.weight"] = (cfg.num_experts, C)
+            shapes[f"{p}.mlp.shared_expert_gate.weight"] = (1, C)
+            shapes.update(_mlp_shapes(f"{p}.mlp.shared_expert", C, cfg.shared_expert_intermediate_size))
+            for e in range(cfg.num_experts):
+                shapes.update(_mlp_shapes(f"{p}.mlp.experts.{e}", C, cfg.moe_intermediate_size))
+        else:
+            shapes.update(_mlp_shapes(f"{p}.mlp", C, cfg.intermediate_size))
+    return shapes
+
+
+def _mlp_shapes(prefix: str, C: int, I: int) -> dict[str, tuple[int, ...]]:
+    return {f"{prefix}.gate_proj.weight": (I, C), f"{prefix}.up_proj.weight": (I, C),
+            f"{prefix}.down_proj.weight": (C, I)}
+
+
+def check_shapes(found: dict[str, tuple[int, ...]], cfg: Config, source: str, optional=("lm_head.weight",)):
+    """Raise WeightsError unless `found` (name -> shape) holds exactly the expected tensors.
+
+    `optional` names may be present though the config does not need them (a tied model
+    whose checkpoint still stores lm_head.weight).
+    """
+    expected = expected_shapes(cfg)
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected) - set(optional))
+    wrong = [(n, expected[n], tuple(found[n])) for n in expected if n in found and tuple(found[n]) != expected[n]]
+    problems = [f"missing tensor {n} (expected shape {expected[n]})" for n in missing[:10]]
+    problems += [f"tensor {n} has shape {got}, expected {want}" for n, want, got in wrong[:10]]
+    problems += [f"unexpected tensor {n} with shape {tuple(found[n])}" for n in extra[:10]]
+    if problems:
+        more = len(missing) + len(wrong) + len(extra) - len(problems)
+        tail = f"\n  ... and {more} more" if more > 0 else ""
+        raise WeightsError(f"{source}: checkpoint does not match its config:\n  " + "\n  ".join(problems) + tail)
