@@ -202,8 +202,11 @@ class Config:
         return cls(**fields)
 
     @classmethod
-    def from_gguf_metadata(cls, meta: dict, vocab_size: int, has_output: bool, source: str) -> "Config":
-        """Build from GGUF key/values (`meta`: key -> Python value) and two facts about its tensors."""
+    def from_gguf_metadata(cls, meta: dict, vocab_size: int, has_output: bool, dense_layers: tuple[int, ...],
+                           source: str) -> "Config":
+        """Build from GGUF key/values (`meta`: key -> Python value) and three facts about its tensors:
+        the embedding's vocabulary size, whether it stores an output matrix (else tied), and which
+        layers of an MoE model have no router (GGUF has no key for decoder_sparse_step)."""
         arch = meta.get("general.architecture")
         if arch not in GGUF_ARCHITECTURES:
             raise ConfigError(f"{source}: GGUF architecture {arch!r} is not supported; "
@@ -244,6 +247,7 @@ class Config:
                 num_experts_per_tok=key("expert_used_count"),
                 moe_intermediate_size=key("expert_feed_forward_length"),
                 shared_expert_intermediate_size=key("expert_shared_feed_forward_length"),
+                mlp_only_layers=tuple(dense_layers),
             )
         return cls(**fields)
 

@@ -62,14 +62,12 @@ def load_gguf(path, progress: bool = True) -> tuple[Config, dict[str, np.ndarray
     if "token_embd.weight" not in by_name:
         raise WeightsError(f"{path}: missing tensor token_embd.weight")
     vocab_size = int(by_name["token_embd.weight"].shape[-1])
-    cfg = Config.from_gguf_metadata(gguf_metadata(reader), vocab_size, "output.weight" in by_name, str(path))
+    n_layers = max((int(n.split(".")[1]) + 1 for n in by_name if n.startswith("blk.")), default=0)
+    dense = tuple(i for i in range(n_layers) if f"blk.{i}.ffn_gate_inp.weight" not in by_name)
+    cfg = Config.from_gguf_metadata(gguf_metadata(reader), vocab_size, "output.weight" in by_name, dense, str(path))
     weights = {}
     for t in tqdm(reader.tensors, desc="dequantizing GGUF", unit="tensor", disable=not progress):
         weights.update(_renamed(t.name, dequantize(t, path)))
-    if cfg.num_experts and "model.layers.0.mlp.shared_expert_gate.weight" in weights:
-        for i in cfg.sparse_layers:  # llama.cpp stores the shared-expert gate as a vector
-            name = f"model.layers.{i}.mlp.shared_expert_gate.weight"
-            weights[name] = weights[name].reshape(1, -1)
     check_shapes({n: w.shape for n, w in weights.items()}, cfg, source=str(path))
     return cfg, weights
 
@@ -96,6 +94,8 @@ def _renamed(name: str, w: np.ndarray) -> dict[str, np.ndarray]:
     if name in GLOBAL_NAMES:
         return {GLOBAL_NAMES[name]: w}
     m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
+    if m and m.group(2) == "ffn_gate_inp_shexp.weight":  # llama.cpp keeps this [1, C] gate as a vector
+        w = w.reshape(1, -1)
     if m and m.group(2) in LAYER_NAMES:
         return {f"model.layers.{m.group(1)}.{LAYER_NAMES[m.group(2)]}": w}
     if m and m.group(2) in STACKED_EXPERTS:

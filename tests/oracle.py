@@ -54,3 +54,21 @@ def hf_logits(model, ids) -> np.ndarray:
     with torch.no_grad():
         out = model(torch.tensor([list(ids)]), use_cache=False)
     return out.logits[0].float().numpy()
+
+
+def random_weights(cfg, seed: int = 0) -> dict:
+    """refqwen weights for `cfg` drawn like build_hf_model's, without transformers."""
+    from refqwen.weights import expected_shapes
+
+    rng = np.random.default_rng(seed)
+    return {name: ((1.0 if name.endswith("norm.weight") else 0.0) + 0.2 * rng.standard_normal(shape)).astype(np.float32)
+            for name, shape in expected_shapes(cfg).items()}
+
+
+def tiny_config(kind: str):
+    """The refqwen Config of one of the tiny CONFIGS."""
+    from refqwen import Config
+
+    model_type, kwargs = CONFIGS[kind]
+    arch = "Qwen2ForCausalLM" if model_type == "qwen2" else "Qwen2MoeForCausalLM"
+    return Config.from_hf_dict(dict(kwargs, architectures=[arch]))
