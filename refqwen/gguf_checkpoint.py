@@ -7,6 +7,7 @@ Linear weight of ggml shape [in, out] arrives as the familiar [out, in].
 """
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
@@ -38,7 +39,7 @@ STACKED_EXPERTS = {"ffn_gate_exps.weight": "gate_proj", "ffn_up_exps.weight": "u
                    "ffn_down_exps.weight": "down_proj"}
 GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                 "output.weight": "lm_head.weight"}
-ROWS_PER_CHUNK = 16384  # dequantize this many rows at a time to bound temporary memory
+ROWS_PER_CHUNK = 8192  # dequantize this many rows at a time to bound temporary memory
 
 
 def open_gguf(path) -> gguf.GGUFReader:
@@ -57,35 +58,64 @@ def gguf_metadata(reader: gguf.GGUFReader, prefixes=("general.", "qwen2", "token
 
 
 def load_gguf(path, progress: bool = True) -> tuple[Config, dict[str, np.ndarray]]:
-    reader = open_gguf(path)
-    by_name = {t.name: t for t in reader.tensors}
-    if "token_embd.weight" not in by_name:
-        raise WeightsError(f"{path}: missing tensor token_embd.weight")
-    vocab_size = int(by_name["token_embd.weight"].shape[-1])
-    n_layers = max((int(n.split(".")[1]) + 1 for n in by_name if n.startswith("blk.")), default=0)
-    dense = tuple(i for i in range(n_layers) if f"blk.{i}.ffn_gate_inp.weight" not in by_name)
-    cfg = Config.from_gguf_metadata(gguf_metadata(reader), vocab_size, "output.weight" in by_name, dense, str(path))
+    cfg, tensors = read_gguf_header(path)
     weights = {}
-    for t in tqdm(reader.tensors, desc="dequantizing GGUF", unit="tensor", disable=not progress):
-        weights.update(_renamed(t.name, dequantize(t, path)))
+    with open(path, "rb") as f:
+        for t in tqdm(tensors, desc="dequantizing GGUF", unit="tensor", disable=not progress):
+            weights.update(_renamed(t.name, dequantize(f, t, path)))
     check_shapes({n: w.shape for n, w in weights.items()}, cfg, source=str(path))
     return cfg, weights
 
 
-def dequantize(t, path) -> np.ndarray:
-    """Any tensor type the gguf package knows -> float32, in NumPy order, chunk by chunk."""
-    shape = tuple(int(d) for d in reversed(t.shape))  # NumPy order
-    out = np.empty(shape, np.float32)
-    rows_in = t.data.reshape(-1, t.data.shape[-1])  # [R, bytes or values per row]
-    rows_out = out.reshape(-1, shape[-1])  # [R, cols]
-    if rows_in.shape[0] != rows_out.shape[0]:
-        raise WeightsError(f"{path}: tensor {t.name} data does not match its shape {shape} (truncated file?)")
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    qtype: gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # NumPy order, outermost first
+    offset: int  # absolute byte offset of the data in the file
+    n_bytes: int
+
+
+def read_gguf_header(path) -> tuple[Config, list[TensorInfo]]:
+    """The Config and where each tensor lies. The reader is dropped afterwards: it holds every
+    tokenizer string as a Python object (~0.5 GB for Qwen2's vocabulary)."""
+    reader = open_gguf(path)
+    tensors = [TensorInfo(t.name, t.tensor_type, tuple(int(d) for d in reversed(t.shape)), int(t.data_offset),
+                          int(t.n_bytes)) for t in reader.tensors]
+    meta = gguf_metadata(reader)
+    del reader
+    by_name = {t.name: t for t in tensors}
+    if "token_embd.weight" not in by_name:
+        raise WeightsError(f"{path}: missing tensor token_embd.weight")
+    n_layers = max((int(n.split(".")[1]) + 1 for n in by_name if n.startswith("blk.")), default=0)
+    dense = tuple(i for i in range(n_layers) if f"blk.{i}.ffn_gate_inp.weight" not in by_name)
+    vocab_size = by_name["token_embd.weight"].shape[0]
+    cfg = Config.from_gguf_metadata(meta, vocab_size, "output.weight" in by_name, dense, str(path))
+    size = Path(path).stat().st_size
+    for t in tensors:
+        if t.offset + t.n_bytes > size:
+            raise WeightsError(f"{path}: truncated GGUF file: tensor {t.name} ends at byte {t.offset + t.n_bytes}, "
+                               f"file has {size}")
+    return cfg, tensors
+
+
+def dequantize(f, t: TensorInfo, path) -> np.ndarray:
+    """Read one tensor of any type the gguf package knows and widen it to float32, chunk by chunk,
+    so temporary memory stays small even for the 151936-row embedding."""
     try:
-        for r0 in range(0, rows_in.shape[0], ROWS_PER_CHUNK):
-            chunk = gguf.quants.dequantize(np.asarray(rows_in[r0:r0 + ROWS_PER_CHUNK]), t.tensor_type)
-            rows_out[r0:r0 + ROWS_PER_CHUNK] = chunk.reshape(-1, shape[-1])
+        byte_shape = gguf.quants.quant_shape_to_byte_shape(t.shape, t.qtype)  # [..., bytes per row]
+    except (KeyError, ValueError) as e:
+        raise WeightsError(f"{path}: tensor {t.name} has unsupported type {t.qtype.name} ({e})") from None
+    f.seek(t.offset)
+    raw = np.fromfile(f, dtype=np.uint8, count=t.n_bytes).reshape(-1, byte_shape[-1])  # [R, bytes per row]
+    out = np.empty(t.shape, np.float32)
+    rows_out = out.reshape(-1, t.shape[-1])  # [R, cols]
+    try:
+        for r0 in range(0, raw.shape[0], ROWS_PER_CHUNK):
+            chunk = gguf.quants.dequantize(raw[r0:r0 + ROWS_PER_CHUNK], t.qtype)
+            rows_out[r0:r0 + ROWS_PER_CHUNK] = chunk.reshape(-1, t.shape[-1])
     except NotImplementedError:
-        raise WeightsError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, "
+        raise WeightsError(f"{path}: tensor {t.name} has type {t.qtype.name}, "
                            f"which the gguf package cannot dequantize") from None
     return out
 

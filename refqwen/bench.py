@@ -1,0 +1,150 @@
+"""`refqwen bench`: prefill and decode speed and peak memory, beside a baseline measured in the same run.
+
+Each engine runs in its own child process, so that its peak RSS is its own and one engine's
+thread pool cannot slow the other. Speeds on a shared machine drift over minutes, so only
+ratios of runs made one after the other in one invocation mean anything; `--repeats`
+interleaves the engines to show the spread.
+"""
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import tracemalloc
+
+import numpy as np
+
+ENGINES = ("refqwen", "transformers")
+
+
+def measure(engine: str, model_path: str, prompt_tokens: int, decode_tokens: int, backend: str) -> dict:
+    """Load, prefill `prompt_tokens` random ids, then decode greedily; in this process."""
+    t0 = time.perf_counter()
+    run = _refqwen_runner(model_path, backend) if engine == "refqwen" else _transformers_runner(model_path)
+    load_s = time.perf_counter() - t0
+    ids = np.random.default_rng(0).integers(1000, 30000, prompt_tokens)
+    t0 = time.perf_counter()
+    step = run(ids)  # prefill; returns a function that decodes one more token
+    prefill_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(decode_tokens):
+        step()
+    decode_s = time.perf_counter() - t0
+    return dict(engine=engine if engine != "refqwen" else f"refqwen[{backend}]", load_s=round(load_s, 2),
+                prefill_tok_s=round(prompt_tokens / prefill_s, 1), decode_tok_s=round(decode_tokens / decode_s, 2),
+                peak_rss_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3))
+
+
+def _refqwen_runner(model_path, backend):
+    import refqwen
+
+    model = refqwen.load(model_path, backend=backend, progress=False)
+
+    def run(ids):
+        cache = model.new_cache()
+        logits = model.forward(ids, cache, last_only=True)
+
+        def step():
+            nonlocal logits
+            logits = model.forward([int(np.argmax(logits[-1]))], cache, last_only=True)
+
+        return step
+
+    return run
+
+
+def _transformers_runner(model_path):
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    torch.set_num_threads(os.cpu_count())
+    path = Path(model_path)
+    if model_path == "demo":
+        from refqwen.demo import demo_path
+
+        path = demo_path(progress=False)
+    if path.suffix == ".gguf":
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                     quantization_config=GgufConfig(dequantize=True))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.eval()
+
+    def run(ids):
+        with torch.no_grad():
+            out = model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+        state = {"out": out}
+
+        def step():
+            with torch.no_grad():
+                token = state["out"].logits[:, -1].argmax(-1, keepdim=True)
+                state["out"] = model(token, past_key_values=state["out"].past_key_values, use_cache=True)
+
+        return step
+
+    return run
+
+
+def attention_peak_mib(lengths=(512, 1024, 2048, 4096), heads=14, kv_heads=2, head_dim=64) -> dict:
+    """Peak MiB allocated inside causal_attention (inputs excluded) for growing prompt lengths, beside
+    the H x T x T score matrix a textbook implementation would hold. What grows here is only the
+    O(T) output and its transposes; the score blocks stay the same size."""
+    from refqwen.attention import causal_attention
+
+    peaks = {}
+    rng = np.random.default_rng(0)
+    for T in lengths:
+        q = rng.standard_normal((T, heads, head_dim), dtype=np.float32)
+        k = rng.standard_normal((T, kv_heads, head_dim), dtype=np.float32)
+        tracemalloc.start()
+        causal_attention(q, k, k, 0)
+        peaks[T] = dict(blocked=round(tracemalloc.get_traced_memory()[1] / 2**20, 1),
+                        textbook_scores=round(heads * T * T * 4 / 2**20, 1))
+        tracemalloc.stop()
+    return peaks
+
+
+def run_bench(model: str, prompt_tokens: int, decode_tokens: int, baseline: str, backend: str, repeats: int,
+              json_path: str | None) -> dict:
+    engines = ["refqwen"] + ([baseline] if baseline != "none" else [])
+    rows = []
+    for repeat in range(repeats):
+        for engine in engines:  # interleaved, so drift hits both alike
+            print(f"measuring {engine} ...", file=sys.stderr, flush=True)
+            cmd = [sys.executable, "-m", "refqwen.bench", engine, model, str(prompt_tokens), str(decode_tokens),
+                   backend]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(f"benchmark of {engine} failed:\n{done.stderr[-3000:]}")
+            rows.append(dict(json.loads(done.stdout.strip().splitlines()[-1]), repeat=repeat))
+    report = dict(model=model, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, cpus=os.cpu_count(),
+                  runs=rows, attention_peak_mib_by_T=attention_peak_mib())
+    print_report(report, baseline)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+def print_report(report: dict, baseline: str) -> None:
+    """One row per run; ratios are against the baseline run of the same repeat."""
+    base = {r["repeat"]: r for r in report["runs"] if r["engine"] == baseline}
+    print(f"model {report['model']}, prefill {report['prompt_tokens']} tokens, decode {report['decode_tokens']} "
+          f"tokens, {report['cpus']} CPUs")
+    print(f"{'engine':<22}{'load s':>8}{'prefill tok/s':>15}{'decode tok/s':>14}{'peak RSS GiB':>14}"
+          f"{'prefill x':>11}{'decode x':>10}")
+    for r in report["runs"]:
+        b = base.get(r["repeat"])
+        ratios = [f"{r[k] / b[k]:.2f}" if b else "-" for k in ("prefill_tok_s", "decode_tok_s")]
+        print(f"{r['engine']:<22}{r['load_s']:>8}{r['prefill_tok_s']:>15}{r['decode_tok_s']:>14}"
+              f"{r['peak_rss_gib']:>14}{ratios[0]:>11}{ratios[1]:>10}")
+    print("attention peak MiB by prompt length:", report["attention_peak_mib_by_T"])
+
+
+if __name__ == "__main__":  # the child process of run_bench
+    engine, model, prompt_tokens, decode_tokens, backend = sys.argv[1:6]
+    print(json.dumps(measure(engine, model, int(prompt_tokens), int(decode_tokens), backend)))
