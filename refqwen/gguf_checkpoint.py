@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from refqwen.config import Config
 from refqwen.errors import WeightsError
+from refqwen.tokenizer import Tokenizer
 from refqwen.weights import check_shapes
 
 # GGUF tensor name (after "blk.N.") -> Hugging Face name (after "model.layers.N.")
@@ -52,19 +53,20 @@ def open_gguf(path) -> gguf.GGUFReader:
         raise WeightsError(f"{path}: not a readable GGUF file (truncated or corrupt?): {e}") from None
 
 
-def gguf_metadata(reader: gguf.GGUFReader, prefixes=("general.", "qwen2", "tokenizer.ggml.eos")) -> dict:
-    """The header's key/value pairs under the given prefixes, as plain Python values."""
-    return {k: f.contents() for k, f in reader.fields.items() if k.startswith(prefixes)}
+def gguf_metadata(reader: gguf.GGUFReader) -> dict:
+    """The header's key/value pairs as plain Python values."""
+    return {k: f.contents() for k, f in reader.fields.items()}
 
 
-def load_gguf(path, progress: bool = True) -> tuple[Config, dict[str, np.ndarray]]:
-    cfg, tensors = read_gguf_header(path)
+def load_gguf(path, progress: bool = True) -> tuple[Config, dict[str, np.ndarray], Tokenizer]:
+    cfg, tensors, meta = read_gguf_header(path)
+    tokenizer = Tokenizer.from_gguf_metadata(meta, str(path))
     weights = {}
     with open(path, "rb") as f:
         for t in tqdm(tensors, desc="dequantizing GGUF", unit="tensor", disable=not progress):
             weights.update(_renamed(t.name, dequantize(f, t, path)))
     check_shapes({n: w.shape for n, w in weights.items()}, cfg, source=str(path))
-    return cfg, weights
+    return cfg, weights, tokenizer
 
 
 @dataclass(frozen=True)
@@ -76,8 +78,8 @@ class TensorInfo:
     n_bytes: int
 
 
-def read_gguf_header(path) -> tuple[Config, list[TensorInfo]]:
-    """The Config and where each tensor lies. The reader is dropped afterwards: it holds every
+def read_gguf_header(path) -> tuple[Config, list[TensorInfo], dict]:
+    """The Config, where each tensor lies, and all key/values. The reader is dropped afterwards: it holds every
     tokenizer string as a Python object (~0.5 GB for Qwen2's vocabulary)."""
     reader = open_gguf(path)
     tensors = [TensorInfo(t.name, t.tensor_type, tuple(int(d) for d in reversed(t.shape)), int(t.data_offset),
@@ -96,7 +98,7 @@ def read_gguf_header(path) -> tuple[Config, list[TensorInfo]]:
         if t.offset + t.n_bytes > size:
             raise WeightsError(f"{path}: truncated GGUF file: tensor {t.name} ends at byte {t.offset + t.n_bytes}, "
                                f"file has {size}")
-    return cfg, tensors
+    return cfg, tensors, meta
 
 
 def dequantize(f, t: TensorInfo, path) -> np.ndarray:

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from refqwen.config import Config
 from refqwen.errors import WeightsError
+from refqwen.tokenizer import Tokenizer
 from refqwen.weights import check_shapes
 
 SINGLE_FILE = "model.safetensors"
@@ -23,9 +24,11 @@ INDEX_FILE = "model.safetensors.index.json"
 DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # BF16 read as raw 16-bit words
 
 
-def load_hf_folder(folder, progress: bool = True) -> tuple[Config, dict[str, np.ndarray]]:
+def load_hf_folder(folder, progress: bool = True) -> tuple[Config, dict[str, np.ndarray], Tokenizer | None]:
+    """Config, float32 weights, and the tokenizer if the folder has a tokenizer.json."""
     folder = Path(folder)
     cfg = Config.from_hf_file(folder / "config.json")
+    tokenizer = Tokenizer.from_hf_folder(folder, cfg.eos_token_ids + _generation_eos(folder))
     headers = {f: read_header(f) for f in _weight_files(folder)}  # file -> {name: (dtype, shape, start, end)}
     found = {name: h[1] for header in headers.values() for name, h in header.items()}
     check_shapes(found, cfg, source=str(folder))
@@ -36,7 +39,14 @@ def load_hf_folder(folder, progress: bool = True) -> tuple[Config, dict[str, np.
             for name, (dtype, shape, start, end) in header.items():
                 weights[name] = _as_float32(raw[start:end].view(DTYPES[dtype]).reshape(shape), dtype)
                 bar.update()
-    return cfg, weights
+    return cfg, weights, tokenizer
+
+
+def _generation_eos(folder: Path) -> tuple[int, ...]:
+    """generation_config.json may name more end tokens than config.json (chat models end on <|im_end|>)."""
+    path = folder / "generation_config.json"
+    eos = json.loads(path.read_text()).get("eos_token_id") if path.exists() else None
+    return tuple([eos] if isinstance(eos, int) else eos or [])
 
 
 def _weight_files(folder: Path) -> list[Path]:

@@ -19,12 +19,12 @@ def load(path, backend: str = "numpy", progress: bool = True) -> Model:
     if path.is_dir():
         from refqwen.hf_checkpoint import load_hf_folder
 
-        cfg, weights = load_hf_folder(path, progress=progress)
+        cfg, weights, tokenizer = load_hf_folder(path, progress=progress)
     elif path.suffix == ".gguf":
         from refqwen.gguf_checkpoint import load_gguf
 
-        cfg, weights = load_gguf(path, progress=progress)
+        cfg, weights, tokenizer = load_gguf(path, progress=progress)
     else:
         raise RefqwenError(f"{path}: not a model; expected a Hugging Face folder (config.json + safetensors), "
                            f"a .gguf file, or 'demo'")
-    return Model(cfg, weights, source=str(path), backend=backend)
+    return Model(cfg, weights, tokenizer=tokenizer, source=str(path), backend=backend)

@@ -39,8 +39,9 @@ class DecoderLayer:
 class Model:
     """A loaded Qwen2 model. `forward` maps token ids to next-token logits."""
 
-    def __init__(self, config: Config, weights: dict, source: str = "", backend: str = "numpy"):
+    def __init__(self, config: Config, weights: dict, tokenizer=None, source: str = "", backend: str = "numpy"):
         self.config = config
+        self.tokenizer = tokenizer  # refqwen.tokenizer.Tokenizer, or None when the checkpoint has none
         self.source = source  # where the weights came from, for messages and reports
         self.backend = backend
         self.embed_tokens = weights["model.embed_tokens.weight"]  # [V, C]
@@ -71,6 +72,22 @@ class Model:
         if last_only:
             x = x[-1:]
         return linear(rms_norm(x, self.norm, self.config.rms_norm_eps), self.lm_head)  # [T, V]
+
+    def generate(self, prompt, max_new_tokens: int = 256, **options) -> str:
+        """Complete `prompt` (text, chat messages [{"role", "content"}], or token ids).
+
+        Options: temperature (0 = greedy, the default), top_k, top_p, min_p, repetition_penalty,
+        seed, stop (strings), ignore_eos. Stops at the model's end tokens unless ignore_eos.
+        """
+        from refqwen.generate import generate
+
+        return generate(self, prompt, max_new_tokens, **options)
+
+    def stream(self, prompt, max_new_tokens: int = 256, **options):
+        """Like generate, but yields the text in pieces as it is produced."""
+        from refqwen.generate import stream
+
+        return stream(self, prompt, max_new_tokens, **options)
 
     def _check_ids(self, ids) -> np.ndarray:
         ids = np.asarray(ids)

@@ -1,0 +1,179 @@
+"""Text generation: choosing the next token (greedy or sampled), stopping, and streaming text.
+
+The next-token rule applies, in transformers' order: repetition penalty, then temperature,
+top-k, top-p and min-p; temperature 0 means greedy (argmax after the penalty).
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from refqwen.errors import RefqwenError
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    min_p: float = 0.0  # 0: off
+    repetition_penalty: float = 1.0  # 1: off
+
+    def __post_init__(self):
+        checks = [(self.temperature >= 0, "temperature must be >= 0"), (self.top_k >= 0, "top_k must be >= 0"),
+                  (0 < self.top_p <= 1, "top_p must be in (0, 1]"), (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+                  (self.repetition_penalty > 0, "repetition_penalty must be > 0")]
+        for ok, message in checks:
+            if not ok:
+                raise RefqwenError(message)
+
+
+def next_token(logits: np.ndarray, history: list[int], s: Sampling, rng: np.random.Generator) -> int:
+    """Choose the next token from logits [V], given every token so far (for the repetition penalty)."""
+    logits = logits.astype(np.float32)  # a copy: the penalty must not touch the caller's array
+    if s.repetition_penalty != 1.0 and history:
+        seen = np.unique(history)
+        # transformers' rule: push seen tokens away from being chosen, whatever their sign
+        logits[seen] = np.where(logits[seen] > 0, logits[seen] / s.repetition_penalty,
+                                logits[seen] * s.repetition_penalty)
+    if s.temperature == 0:
+        return int(np.argmax(logits))
+    logits = logits / np.float32(s.temperature)
+    if 0 < s.top_k < len(logits):
+        kth_largest = np.partition(logits, -s.top_k)[-s.top_k]
+        logits[logits < kth_largest] = -np.inf
+    probs = _softmax(logits)
+    if s.top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")  # most likely first
+        before = np.cumsum(probs[order]) - probs[order]  # probability mass ranked above each token
+        probs[order[before >= s.top_p]] = 0  # keep the smallest prefix whose mass reaches top_p
+    if s.min_p > 0:
+        probs[probs < s.min_p * probs.max()] = 0
+    probs = probs / probs.sum()
+    return int(min(np.searchsorted(np.cumsum(probs), rng.random(), side="right"), len(probs) - 1))
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - np.max(x))
+    return e / e.sum()
+
+
+def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling, seed: int | None,
+                 stop_ids=frozenset()):
+    """Yield new token ids until a stop id (not yielded), max_new_tokens, or a full context window."""
+    limit = model.config.max_position_embeddings
+    if len(prompt_ids) >= limit:
+        raise RefqwenError(f"the prompt has {len(prompt_ids)} tokens; the context window holds {limit}, "
+                           f"so at most {limit - 1} leave room to generate")
+    rng = np.random.default_rng(seed)
+    cache = model.new_cache()
+    logits = model.forward(prompt_ids, cache, last_only=True)[-1]
+    history = list(prompt_ids)
+    for i in range(max_new_tokens):
+        token = next_token(logits, history, sampling, rng)
+        if token in stop_ids:
+            return
+        yield token
+        history.append(token)
+        if i + 1 == max_new_tokens or cache.length == limit:
+            return
+        logits = model.forward([token], cache, last_only=True)[-1]
+
+
+class TextStream:
+    """Turns token ids into text pieces that never end inside a multi-byte UTF-8 character.
+
+    Decoding a token alone can give half a character; we decode a short window of recent
+    tokens and emit only what has become complete (the incremental decoding of TGI/vLLM).
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.start = 0  # window start: context so the next piece decodes correctly
+        self.done = 0  # tokens whose text has been emitted
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        emitted = self.tokenizer.decode(self.ids[self.start:self.done])
+        text = self.tokenizer.decode(self.ids[self.start:])
+        if len(text) <= len(emitted) or text.endswith("\ufffd"):  # incomplete character: wait
+            return ""
+        self.start, self.done = self.done, len(self.ids)
+        return text[len(emitted):]
+
+    def flush(self) -> str:
+        """Whatever is left (an incomplete character if generation stopped inside one)."""
+        emitted = self.tokenizer.decode(self.ids[self.start:self.done])
+        rest = self.tokenizer.decode(self.ids[self.start:])[len(emitted):]
+        self.start = self.done = len(self.ids)
+        return rest
+
+
+def stream_text(pieces, stop: list[str]):
+    """Pass text pieces through, ending before the first stop string; text that might begin a
+    stop string is held back until it is clear that it does not."""
+    held = ""
+    for piece in pieces:
+        held += piece
+        hits = [i for i in (held.find(s) for s in stop) if i >= 0]
+        if hits:
+            if min(hits):
+                yield held[:min(hits)]
+            return
+        keep = max((n for s in stop for n in range(1, len(s)) if held.endswith(s[:n])), default=0)
+        if len(held) > keep:
+            yield held[:len(held) - keep]
+            held = held[len(held) - keep:]
+    if held:
+        yield held
+
+
+def prompt_ids(model, prompt) -> list[int]:
+    """A str is encoded as is; a list of messages goes through the chat template; ids pass through."""
+    if isinstance(prompt, (list, tuple)) and all(isinstance(t, (int, np.integer)) for t in prompt):
+        return [int(t) for t in prompt]
+    tokenizer = _need_tokenizer(model)
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt)
+    return tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
+
+
+def stream(model, prompt, max_new_tokens: int = 256, *, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
+           repetition_penalty=1.0, seed=None, stop=(), ignore_eos=False):
+    """Yield the completion as text pieces (see Model.stream)."""
+    tokenizer = _need_tokenizer(model)
+    sampling = Sampling(temperature, top_k, top_p, min_p, repetition_penalty)
+    stop_ids = frozenset() if ignore_eos else tokenizer.end_token_ids
+    tokens = generate_ids(model, prompt_ids(model, prompt), max_new_tokens, sampling, seed, stop_ids)
+    text = TextStream(tokenizer)
+
+    def pieces():
+        for token in tokens:
+            yield text.add(token)
+        yield text.flush()
+
+    yield from (p for p in stream_text(pieces(), list(stop)) if p)
+
+
+def generate(model, prompt, max_new_tokens: int = 256, *, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
+             repetition_penalty=1.0, seed=None, stop=(), ignore_eos=False) -> str:
+    """The completion as one string, decoded from all its tokens at once (see Model.generate)."""
+    tokenizer = _need_tokenizer(model)
+    sampling = Sampling(temperature, top_k, top_p, min_p, repetition_penalty)
+    stop_ids = frozenset() if ignore_eos else tokenizer.end_token_ids
+    ids = []
+    for token in generate_ids(model, prompt_ids(model, prompt), max_new_tokens, sampling, seed, stop_ids):
+        ids.append(token)
+        if stop and any(s in tokenizer.decode(ids) for s in stop):
+            break
+    text = tokenizer.decode(ids)
+    cut = min([i for i in (text.find(s) for s in stop) if i >= 0], default=len(text))
+    return text[:cut]
+
+
+def _need_tokenizer(model):
+    if model.tokenizer is None:
+        raise RefqwenError(f"{model.source}: no tokenizer (a Hugging Face folder needs tokenizer.json); "
+                           f"pass token ids instead of text")
+    return model.tokenizer
