@@ -5,6 +5,7 @@ from refqwen.config import Config
 from refqwen.errors import ConfigError, DemoModelError, RefqwenError, WeightsError
 from refqwen.loading import load
 from refqwen.model import Model
+from refqwen.perplexity import perplexity
 
 __version__ = "0.1.0"
-__all__ = ["load", "Model", "Config", "KVCache", "RefqwenError", "ConfigError", "WeightsError", "DemoModelError"]
+__all__ = ["load", "perplexity", "Model", "Config", "KVCache", "RefqwenError", "ConfigError", "WeightsError", "DemoModelError"]

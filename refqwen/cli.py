@@ -1,35 +1,160 @@
-"""The `refqwen` command."""
+"""The `refqwen` command: generate, chat, info, ppl and bench."""
 
 import argparse
+import json
 import sys
 
 from refqwen.errors import RefqwenError
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="refqwen", description="Read, run and check Qwen2 models.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    bench = sub.add_parser("bench", help="prefill/decode speed and peak memory beside a baseline")
-    bench.add_argument("--model", default="demo", help="HF folder, .gguf file or 'demo' (default)")
-    bench.add_argument("--backend", default="numpy")
-    bench.add_argument("--prompt-tokens", type=int, default=512)
-    bench.add_argument("--decode-tokens", type=int, default=32)
-    bench.add_argument("--baseline", choices=["transformers", "none"], default="transformers")
-    bench.add_argument("--repeats", type=int, default=1, help="interleaved repetitions of every engine")
-    bench.add_argument("--json", help="also write the report to this JSON file")
-
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
     try:
-        if args.command == "bench":
-            from refqwen.bench import run_bench
-
-            run_bench(args.model, args.prompt_tokens, args.decode_tokens, args.baseline, args.backend, args.repeats,
-                      args.json)
+        return args.run(args) or 0
     except RefqwenError as e:
         print(f"refqwen: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    except KeyboardInterrupt:
+        return 130
+
+
+def _load(args):
+    import refqwen
+
+    return refqwen.load(args.model, backend=args.backend, progress=True)
+
+
+def _sampling(args) -> dict:
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop or ())
+
+
+def cmd_generate(args):
+    model = _load(args)
+    prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+    for piece in model.stream(prompt, args.max_new_tokens, ignore_eos=args.ignore_eos, **_sampling(args)):
+        print(piece, end="", flush=True)
+    print()
+
+
+def cmd_chat(args):
+    model = _load(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Chatting with the model. /reset forgets the conversation, /exit (or Ctrl-D) quits.")
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        if line.strip() == "/exit":
+            break
+        if line.strip() == "/reset":
+            history = list(system)
+            print("(conversation reset)")
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        reply = []
+        for piece in model.stream(history, args.max_new_tokens, **_sampling(args)):
+            reply.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_info(args):
+    from refqwen.info import describe
+
+    model = _load(args)
+    report = describe(model, args.context)
+    print(json.dumps(report, indent=2) if args.json else _format_info(report))
+
+
+def _format_info(report: dict) -> str:
+    lines = [f"source:  {report['source']}", f"backend: {report['backend']}  (weights in {report['dtype']})", "",
+             "config:"]
+    lines += [f"  {k} = {v}" for k, v in report["config"].items()]
+    lines += ["", "parameters:"]
+    lines += [f"  {k:<16}{v:>14,}" for k, v in report["parameters"].items()]
+    m = report["memory"]
+    lines += ["", f"memory for a {m['context_tokens']}-token context: weights {m['weights_gib']:.2f} GiB + "
+                  f"KV cache {m['kv_cache_gib']:.3f} GiB = {m['total_gib']:.2f} GiB"]
+    return "\n".join(lines)
+
+
+def cmd_ppl(args):
+    from pathlib import Path
+
+    from refqwen.perplexity import perplexity
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise RefqwenError(f"{path}: no such file")
+    model = _load(args)
+    result = perplexity(model, path.read_text(encoding="utf-8"), window=args.window, stride=args.stride)
+    print(json.dumps(dict(file=str(path), model=model.source, **result.to_dict()), indent=2))
+
+
+def cmd_bench(args):
+    from refqwen.bench import run_bench
+
+    run_bench(args.model, args.prompt_tokens, args.decode_tokens, args.baseline, args.backend, args.repeats,
+              args.json)
+
+
+def _parser() -> argparse.ArgumentParser:
+    from refqwen import backends
+
+    parser = argparse.ArgumentParser(prog="refqwen", description="Read, run and check Qwen2 models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    model_args = argparse.ArgumentParser(add_help=False)
+    model_args.add_argument("--model", default="demo",
+                            help="Hugging Face folder, .gguf file, or 'demo' (the embedded model, default)")
+    model_args.add_argument("--backend", default="numpy", help=f"one of: {', '.join(backends.available())}")
+    sampling = argparse.ArgumentParser(add_help=False)
+    sampling.add_argument("--max-new-tokens", type=int, default=256)
+    sampling.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    sampling.add_argument("--top-k", type=int, default=0)
+    sampling.add_argument("--top-p", type=float, default=1.0)
+    sampling.add_argument("--min-p", type=float, default=0.0)
+    sampling.add_argument("--repetition-penalty", type=float, default=1.0)
+    sampling.add_argument("--seed", type=int, default=None)
+    sampling.add_argument("--stop", action="append", help="stop before this text (repeatable)")
+
+    p = sub.add_parser("generate", parents=[model_args, sampling], help="stream a completion of a prompt")
+    p.add_argument("prompt")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at end tokens (for benchmarks)")
+    p.set_defaults(run=cmd_generate)
+
+    p = sub.add_parser("chat", parents=[model_args, sampling], help="multi-turn conversation (stdin may be a pipe)")
+    p.add_argument("--system", help="system prompt")
+    p.set_defaults(run=cmd_chat)
+
+    p = sub.add_parser("info", parents=[model_args], help="config, parameter counts and memory estimate")
+    p.add_argument("--context", type=int, default=None, help="context length for the memory estimate "
+                                                              "(default: the model's maximum)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_info)
+
+    p = sub.add_parser("ppl", parents=[model_args], help="perplexity of a UTF-8 text file")
+    p.add_argument("file")
+    p.add_argument("--window", type=int, default=1024)
+    p.add_argument("--stride", type=int, default=None, help="default: the window (disjoint windows)")
+    p.set_defaults(run=cmd_ppl)
+
+    p = sub.add_parser("bench", parents=[model_args], help="prefill/decode speed and peak memory beside a baseline")
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--baseline", choices=["transformers", "none"], default="transformers")
+    p.add_argument("--repeats", type=int, default=1, help="interleaved repetitions of every engine")
+    p.add_argument("--json", help="also write the report to this JSON file")
+    p.set_defaults(run=cmd_bench)
+    return parser
 
 
 if __name__ == "__main__":

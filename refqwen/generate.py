@@ -30,14 +30,24 @@ class Sampling:
 
 def next_token(logits: np.ndarray, history: list[int], s: Sampling, rng: np.random.Generator) -> int:
     """Choose the next token from logits [V], given every token so far (for the repetition penalty)."""
-    logits = logits.astype(np.float32)  # a copy: the penalty must not touch the caller's array
-    if s.repetition_penalty != 1.0 and history:
-        seen = np.unique(history)
-        # transformers' rule: push seen tokens away from being chosen, whatever their sign
-        logits[seen] = np.where(logits[seen] > 0, logits[seen] / s.repetition_penalty,
-                                logits[seen] * s.repetition_penalty)
+    logits = penalize_repetition(logits, history, s.repetition_penalty)
     if s.temperature == 0:
         return int(np.argmax(logits))
+    probs = sampling_probs(logits, s)
+    return int(min(np.searchsorted(np.cumsum(probs), rng.random(), side="right"), len(probs) - 1))
+
+
+def penalize_repetition(logits: np.ndarray, history: list[int], penalty: float) -> np.ndarray:
+    """transformers' rule: seen tokens move away from being chosen, whatever their sign.  -> a copy"""
+    logits = logits.astype(np.float32)
+    if penalty != 1.0 and history:
+        seen = np.unique(history)
+        logits[seen] = np.where(logits[seen] > 0, logits[seen] / penalty, logits[seen] * penalty)
+    return logits
+
+
+def sampling_probs(logits: np.ndarray, s: Sampling) -> np.ndarray:
+    """The distribution to sample from: temperature, then top-k, top-p and min-p filtering.  -> [V]"""
     logits = logits / np.float32(s.temperature)
     if 0 < s.top_k < len(logits):
         kth_largest = np.partition(logits, -s.top_k)[-s.top_k]
@@ -49,8 +59,7 @@ def next_token(logits: np.ndarray, history: list[int], s: Sampling, rng: np.rand
         probs[order[before >= s.top_p]] = 0  # keep the smallest prefix whose mass reaches top_p
     if s.min_p > 0:
         probs[probs < s.min_p * probs.max()] = 0
-    probs = probs / probs.sum()
-    return int(min(np.searchsorted(np.cumsum(probs), rng.random(), side="right"), len(probs) - 1))
+    return probs / probs.sum()
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

@@ -16,6 +16,9 @@ def load(path, backend: str = "numpy", progress: bool = True) -> Model:
 
         path = demo_path(progress=progress)
     path = Path(path)
+    if not path.exists():
+        raise RefqwenError(f"{path}: no such file or folder; a model is a Hugging Face folder (config.json + "
+                           f"safetensors), a .gguf file, or 'demo' (the embedded Qwen2.5-Coder-0.5B-Instruct)")
     if path.is_dir():
         from refqwen.hf_checkpoint import load_hf_folder
 

@@ -4,9 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-import refqwen
-from refqwen.demo import demo_path
-
 # Real-model tolerance on logits, float32 against float32 from the same dequantized weights.
 # Over 24 layers, with residual activations reaching ~800 at position 0, float32 sums taken in
 # different orders differ by up to ~1e-4 (measured: 7e-5). 1e-3 leaves room for other BLAS
@@ -18,22 +15,6 @@ PROMPTS = {
     "chinese": "请用一句话介绍长城：",
     "python": "def quicksort(items):\n    \"\"\"Sort a list.\"\"\"\n",
 }
-
-
-@pytest.fixture(scope="module")
-def demo():
-    return refqwen.load("demo", progress=False)
-
-
-@pytest.fixture(scope="module")
-def hf():
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
-    path = demo_path(progress=False)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
-                                                 quantization_config=GgufConfig(dequantize=True))
-    return tokenizer, model.eval()
 
 
 def greedy(model, ids, n):

@@ -1,0 +1,35 @@
+"""What `refqwen info` reports: the config, parameter counts by module, and a memory estimate."""
+
+import math
+
+from refqwen.weights import expected_shapes
+
+GROUPS = {  # first matching name fragment -> module group
+    "embed_tokens": "embedding", "lm_head": "lm_head", "self_attn": "attention", "mlp.experts.": "moe experts",
+    "mlp.shared_expert": "moe shared", "mlp.gate.": "moe router", "mlp.": "mlp", "norm": "norms",
+}
+
+
+def parameter_counts(cfg) -> dict[str, int]:
+    """Parameters by module group (a tied lm_head is the embedding and is not counted twice)."""
+    counts = {}
+    for name, shape in expected_shapes(cfg).items():
+        group = next(g for fragment, g in GROUPS.items() if fragment in name)
+        counts[group] = counts.get(group, 0) + math.prod(shape)
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def describe(model, context: int | None = None) -> dict:
+    cfg = model.config
+    context = context or cfg.max_position_embeddings
+    params = parameter_counts(cfg)
+    weight_bytes = 4 * params["total"]  # float32
+    kv_bytes = 2 * cfg.num_hidden_layers * context * cfg.num_key_value_heads * cfg.head_dim * 4  # keys + values
+    config = {k: v for k, v in vars(cfg).items() if k in cfg.__dataclass_fields__}
+    config.update(rope_scaling=vars(cfg.rope_scaling) if cfg.rope_scaling else None, head_dim=cfg.head_dim,
+                  kv_group_size=cfg.kv_group_size, sparse_layers=sorted(cfg.sparse_layers),
+                  sliding_layers=sorted(cfg.sliding_layers), rope_attention_factor=cfg.rope_attention_factor)
+    return dict(source=model.source, backend=model.backend, dtype="float32", config=config, parameters=params,
+                memory=dict(context_tokens=context, weights_gib=weight_bytes / 2**30, kv_cache_gib=kv_bytes / 2**30,
+                            total_gib=(weight_bytes + kv_bytes) / 2**30))

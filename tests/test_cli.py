@@ -1,0 +1,70 @@
+"""The refqwen command end to end, through subprocesses, as a user runs it."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def refqwen(*args, stdin=None, check=True):
+    done = subprocess.run([sys.executable, "-m", "refqwen.cli", *args], input=stdin, capture_output=True,
+                          text=True, timeout=600)
+    if check:
+        assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+def test_generate_streams_the_same_text_as_the_api(demo):
+    out = refqwen("generate", "def add(a, b):", "--max-new-tokens", "12").stdout
+    assert out == demo.generate("def add(a, b):", max_new_tokens=12) + "\n"
+
+
+def test_generate_chat_with_sampling_flags(demo):
+    args = ["--max-new-tokens", "10", "--temperature", "0.8", "--top-p", "0.9", "--seed", "5"]
+    out = refqwen("generate", "Name a planet.", "--chat", *args).stdout
+    expected = demo.generate([{"role": "user", "content": "Name a planet."}], max_new_tokens=10, temperature=0.8,
+                             top_p=0.9, seed=5)
+    assert out == expected + "\n"
+
+
+def test_chat_through_a_pipe(demo):
+    turns = "What is 2+2? Answer with a number.\n/reset\nWhat is 3+3? Answer with a number.\n/exit\nignored\n"
+    done = refqwen("chat", "--max-new-tokens", "8", stdin=turns)
+    lines = done.stdout.splitlines()
+    first = demo.generate([{"role": "user", "content": "What is 2+2? Answer with a number."}], max_new_tokens=8)
+    second = demo.generate([{"role": "user", "content": "What is 3+3? Answer with a number."}], max_new_tokens=8)
+    assert lines == [*first.splitlines(), "(conversation reset)", *second.splitlines()]
+
+
+def test_chat_keeps_history(demo):
+    turns = "My name is Ada.\nWhat is my name?\n"  # ends with EOF, like Ctrl-D
+    lines = refqwen("chat", "--max-new-tokens", "12", stdin=turns).stdout
+    first = demo.generate([{"role": "user", "content": "My name is Ada."}], max_new_tokens=12)
+    history = [{"role": "user", "content": "My name is Ada."}, {"role": "assistant", "content": first},
+               {"role": "user", "content": "What is my name?"}]
+    assert lines == first + "\n" + demo.generate(history, max_new_tokens=12) + "\n"
+
+
+def test_info_json():
+    report = json.loads(refqwen("info", "--json", "--context", "4096").stdout)
+    assert report["config"]["hidden_size"] == 896
+    assert report["parameters"]["total"] == 630_167_424  # untied: embedding and lm_head both counted
+    assert report["memory"]["kv_cache_gib"] == pytest.approx(2 * 24 * 4096 * 2 * 64 * 4 / 2**30)
+
+
+def test_ppl(tmp_path):
+    (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 8)
+    report = json.loads(refqwen("ppl", str(tmp_path / "text.txt"), "--window", "32").stdout)
+    assert report["tokens"] > 40 and report["perplexity"] > 1 and report["window"] == 32
+
+
+@pytest.mark.parametrize("args,message", [
+    (["generate", "hi", "--backend", "nope"], "unknown backend 'nope'; available: numpy"),
+    (["generate", "hi", "--model", "/no/such/model"], "no such file or folder"),
+    (["ppl", "/no/such/file.txt"], "/no/such/file.txt: no such file"),
+])
+def test_errors_are_messages_not_tracebacks(args, message):
+    done = refqwen(*args, check=False)
+    assert done.returncode == 2
+    assert message in done.stderr and "Traceback" not in done.stderr
