@@ -58,7 +58,7 @@ def gguf_metadata(reader: gguf.GGUFReader) -> dict:
     return {k: f.contents() for k, f in reader.fields.items()}
 
 
-def load_gguf(path, progress: bool = True) -> tuple[Config, dict[str, np.ndarray], Tokenizer]:
+def load_gguf(path, progress: bool = True) -> tuple[Config, dict[str, np.ndarray], Tokenizer | None]:
     cfg, tensors, meta = read_gguf_header(path)
     tokenizer = Tokenizer.from_gguf_metadata(meta, str(path))
     weights = {}

@@ -67,9 +67,11 @@ class Tokenizer:
         return cls(backend, template, eos_token_ids, specials)
 
     @classmethod
-    def from_gguf_metadata(cls, meta: dict, source: str) -> "Tokenizer":
-        """From GGUF tokenizer.* keys (`meta`: key -> Python value)."""
+    def from_gguf_metadata(cls, meta: dict, source: str) -> "Tokenizer | None":
+        """From GGUF tokenizer.* keys (`meta`: key -> Python value); None if the file has no vocabulary."""
         kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre")
+        if kind is None and "tokenizer.ggml.tokens" not in meta:
+            return None
         if kind != "gpt2" or pre not in QWEN2_PRE_TOKENIZERS:
             raise RefqwenError(f"{source}: tokenizer {kind!r} with pre-tokenizer {pre!r} is not Qwen2's "
                                f"(expected 'gpt2' with one of {QWEN2_PRE_TOKENIZERS})")

@@ -78,9 +78,15 @@ def test_text_stream_never_splits_characters(demo):
 @given(pieces=st.lists(st.text(alphabet="abc。\n", max_size=4), max_size=12),
        stop=st.lists(st.text(alphabet="abc。\n", min_size=1, max_size=3), max_size=2))
 def test_stop_strings_cut_exactly(pieces, stop):
-    full = "".join(pieces)
-    hits = [i for i in (full.find(s) for s in stop) if i >= 0]
-    assert "".join(stream_text(pieces, stop)) == full[:min(hits, default=len(full))]
+    """Generation ends at the first piece after which a stop string appears, cut before it."""
+    text = ""
+    for piece in pieces:
+        text += piece
+        hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+        if hits:
+            text = text[:min(hits)]
+            break
+    assert "".join(stream_text(pieces, stop)) == text
 
 
 # ---- the sampling rules against transformers' logits processors -------------------------
