@@ -1,19 +1,45 @@
 """Pluggable implementations of the model's layer operations, picked by name.
 
-"numpy" is the reference in refqwen/ itself. Faster backends register here.
+`Backend` in base.py lists what a backend provides; "numpy" is that class itself, the
+reference. `available()` says which backends can run on this machine and why the others
+cannot; `get(name)` makes one.
 """
+
+import importlib
 
 from refqwen.errors import RefqwenError
 
-BACKENDS = {"numpy": "the float32 NumPy reference (refqwen/)"}
+# name -> "module:class" below refqwen.backends
+REGISTRY = {
+    "numpy": "base:Backend",
+}
 
 
-def available() -> dict[str, str]:
-    """Backend name -> what it is, for every backend that can run on this machine."""
-    return dict(BACKENDS)
+def _backend_class(name: str):
+    module, cls = REGISTRY[name].split(":")
+    return getattr(importlib.import_module(f"refqwen.backends.{module}"), cls)
 
 
-def check(name: str) -> None:
-    if name not in BACKENDS:
-        listing = ", ".join(f"{n} ({why})" for n, why in available().items())
-        raise RefqwenError(f"unknown backend {name!r}; available: {listing}")
+def available() -> dict[str, str | None]:
+    """Backend name -> None if it can run here, else the reason it cannot."""
+    reasons = {}
+    for name in REGISTRY:
+        try:
+            reasons[name] = _backend_class(name).unavailable_reason()
+        except ImportError as e:
+            reasons[name] = f"cannot import: {e}"
+    return reasons
+
+
+def describe() -> str:
+    return ", ".join(name if why is None else f"{name} (unavailable: {why})" for name, why in available().items())
+
+
+def get(name: str):
+    """A fresh backend instance by name."""
+    if name not in REGISTRY:
+        raise RefqwenError(f"unknown backend {name!r}; available: {describe()}")
+    reason = available()[name]
+    if reason is not None:
+        raise RefqwenError(f"backend {name!r} cannot run here: {reason}")
+    return _backend_class(name)()

@@ -8,14 +8,13 @@ O(block x block) per head whatever the prompt length, never the full T x S matri
 import numpy as np
 
 from refqwen.cache import LayerCache
-from refqwen.linear import linear
-from refqwen.rope import apply_rotary
 
 BLOCK = 256  # queries and keys per block: scores use KV x G x 256 x 256 floats at most
 
 
 class Attention:
-    def __init__(self, q_proj, q_bias, k_proj, k_bias, v_proj, v_bias, o_proj, num_heads, num_kv_heads):
+    def __init__(self, ops, q_proj, q_bias, k_proj, k_bias, v_proj, v_bias, o_proj, num_heads, num_kv_heads):
+        self.ops = ops  # the backend that computes the operations
         self.q_proj, self.q_bias = q_proj, q_bias  # [H*D, C], [H*D]
         self.k_proj, self.k_bias = k_proj, k_bias  # [KV*D, C], [KV*D]
         self.v_proj, self.v_bias = v_proj, v_bias  # [KV*D, C], [KV*D]
@@ -23,25 +22,25 @@ class Attention:
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
 
     @classmethod
-    def from_weights(cls, w: dict, prefix: str, cfg) -> "Attention":
+    def from_weights(cls, w: dict, prefix: str, cfg, ops) -> "Attention":
+        def weight(name):
+            return ops.prepare_linear(f"{prefix}.{name}.weight", w[f"{prefix}.{name}.weight"])
+
         def bias(name):  # qwen2_moe may switch q/k/v biases off (qkv_bias: false)
             return w[f"{prefix}.{name}.bias"] if cfg.qkv_bias else None
 
-        return cls(w[f"{prefix}.q_proj.weight"], bias("q_proj"), w[f"{prefix}.k_proj.weight"], bias("k_proj"),
-                   w[f"{prefix}.v_proj.weight"], bias("v_proj"), w[f"{prefix}.o_proj.weight"],
-                   cfg.num_attention_heads, cfg.num_key_value_heads)
+        return cls(ops, weight("q_proj"), bias("q_proj"), weight("k_proj"), bias("k_proj"), weight("v_proj"),
+                   bias("v_proj"), weight("o_proj"), cfg.num_attention_heads, cfg.num_key_value_heads)
 
     def __call__(self, x, cos, sin, cache: LayerCache, window: int | None) -> np.ndarray:
         """x [T, C]; cos, sin [T, D] for the T new positions -> [T, C]"""
-        T = x.shape[0]
-        q = linear(x, self.q_proj, self.q_bias).reshape(T, self.num_heads, -1)  # [T, H, D]
-        k = linear(x, self.k_proj, self.k_bias).reshape(T, self.num_kv_heads, -1)  # [T, KV, D]
-        v = linear(x, self.v_proj, self.v_bias).reshape(T, self.num_kv_heads, -1)  # [T, KV, D]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        start = cache.length  # position of the first new token
-        keys, values = cache.append(k, v)  # [S, KV, D], S = start + T
-        out = causal_attention(q, keys, values, start, window)  # [T, H, D]
-        return linear(out.reshape(T, -1), self.o_proj)
+        ops, T = self.ops, x.shape[0]
+        q = ops.linear(x, self.q_proj, self.q_bias).reshape(T, self.num_heads, -1)  # [T, H, D]
+        k = ops.linear(x, self.k_proj, self.k_bias).reshape(T, self.num_kv_heads, -1)  # [T, KV, D]
+        v = ops.linear(x, self.v_proj, self.v_bias).reshape(T, self.num_kv_heads, -1)  # [T, KV, D]
+        q, k = ops.apply_rotary(q, cos, sin), ops.apply_rotary(k, cos, sin)
+        out = ops.attention(q, k, v, cache, window)  # [T, H, D]: appends k, v to the cache, then attends
+        return ops.linear(out.reshape(T, -1), self.o_proj)
 
 
 def causal_attention(q, k, v, start: int, window: int | None = None, block: int = BLOCK) -> np.ndarray:

@@ -10,7 +10,7 @@ def load(path, backend: str = "numpy", progress: bool = True) -> Model:
     """Load a model from a Hugging Face folder, a .gguf file, or "demo" (the embedded model)."""
     from refqwen import backends
 
-    backends.check(backend)
+    ops = backends.get(backend)  # fails early, before a long load, on an unknown backend
     if str(path) == "demo":
         from refqwen.demo import demo_path
 
@@ -30,4 +30,4 @@ def load(path, backend: str = "numpy", progress: bool = True) -> Model:
     else:
         raise RefqwenError(f"{path}: not a model; expected a Hugging Face folder (config.json + safetensors), "
                            f"a .gguf file, or 'demo'")
-    return Model(cfg, weights, tokenizer=tokenizer, source=str(path), backend=backend)
+    return Model(cfg, weights, tokenizer=tokenizer, source=str(path), backend=ops)

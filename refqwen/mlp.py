@@ -2,8 +2,6 @@
 
 import numpy as np
 
-from refqwen.linear import linear
-
 
 def silu(x: np.ndarray) -> np.ndarray:
     """x * sigmoid(x).  exp(-x) may overflow to inf for x < -88, which correctly gives -0."""
@@ -12,16 +10,19 @@ def silu(x: np.ndarray) -> np.ndarray:
 
 
 class MLP:
-    def __init__(self, gate_proj, up_proj, down_proj):
+    def __init__(self, ops, gate_proj, up_proj, down_proj):
+        self.ops = ops  # the backend that computes the operations
         self.gate_proj = gate_proj  # [I, C]
         self.up_proj = up_proj  # [I, C]
         self.down_proj = down_proj  # [C, I]
 
     @classmethod
-    def from_weights(cls, w: dict, prefix: str) -> "MLP":
-        return cls(w[f"{prefix}.gate_proj.weight"], w[f"{prefix}.up_proj.weight"], w[f"{prefix}.down_proj.weight"])
+    def from_weights(cls, w: dict, prefix: str, ops) -> "MLP":
+        return cls(ops, *(ops.prepare_linear(f"{prefix}.{p}.weight", w[f"{prefix}.{p}.weight"])
+                          for p in ("gate_proj", "up_proj", "down_proj")))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """x [T, C] -> [T, C]"""
-        hidden = silu(linear(x, self.gate_proj)) * linear(x, self.up_proj)  # [T, I]
-        return linear(hidden, self.down_proj)
+        gate = self.ops.linear(x, self.gate_proj)  # [T, I]
+        up = self.ops.linear(x, self.up_proj)  # [T, I]
+        return self.ops.linear(self.ops.swiglu(gate, up), self.down_proj)

@@ -7,52 +7,57 @@
 import numpy as np
 
 from refqwen.attention import Attention
+from refqwen.backends.base import Backend
 from refqwen.cache import KVCache
 from refqwen.config import Config
 from refqwen.errors import RefqwenError
-from refqwen.linear import linear
 from refqwen.mlp import MLP
 from refqwen.moe import SparseMoE
-from refqwen.norm import rms_norm
 from refqwen.rope import rotary_cos_sin
 
 
 class DecoderLayer:
-    def __init__(self, w: dict, i: int, cfg: Config):
+    def __init__(self, w: dict, i: int, cfg: Config, ops):
         prefix = f"model.layers.{i}"
+        self.ops = ops
         self.attn_norm = w[f"{prefix}.input_layernorm.weight"]  # [C]
-        self.attn = Attention.from_weights(w, f"{prefix}.self_attn", cfg)
+        self.attn = Attention.from_weights(w, f"{prefix}.self_attn", cfg, ops)
         self.mlp_norm = w[f"{prefix}.post_attention_layernorm.weight"]  # [C]
         if i in cfg.sparse_layers:
-            self.mlp = SparseMoE.from_weights(w, f"{prefix}.mlp", cfg)
+            self.mlp = SparseMoE.from_weights(w, f"{prefix}.mlp", cfg, ops)
         else:
-            self.mlp = MLP.from_weights(w, f"{prefix}.mlp")
+            self.mlp = MLP.from_weights(w, f"{prefix}.mlp", ops)
         self.window = cfg.window(i)
         self.eps = cfg.rms_norm_eps
 
     def __call__(self, x, cos, sin, cache) -> np.ndarray:
         """x [T, C] -> [T, C]"""
-        h = x + self.attn(rms_norm(x, self.attn_norm, self.eps), cos, sin, cache, self.window)
-        return h + self.mlp(rms_norm(h, self.mlp_norm, self.eps))
+        h = x + self.attn(self.ops.rms_norm(x, self.attn_norm, self.eps), cos, sin, cache, self.window)
+        return h + self.mlp(self.ops.rms_norm(h, self.mlp_norm, self.eps))
 
 
 class Model:
     """A loaded Qwen2 model. `forward` maps token ids to next-token logits."""
 
-    def __init__(self, config: Config, weights: dict, tokenizer=None, source: str = "", backend: str = "numpy"):
+    def __init__(self, config: Config, weights: dict, tokenizer=None, source: str = "", backend=None):
         self.config = config
         self.tokenizer = tokenizer  # refqwen.tokenizer.Tokenizer, or None when the checkpoint has none
         self.source = source  # where the weights came from, for messages and reports
-        self.backend = backend
-        self.embed_tokens = weights["model.embed_tokens.weight"]  # [V, C]
-        self.layers = [DecoderLayer(weights, i, config) for i in range(config.num_hidden_layers)]
+        self.ops = backend or Backend()  # computes every operation; refqwen.backends.base.Backend is the reference
+        self.embed_tokens = weights["model.embed_tokens.weight"]  # [V, C], looked up row by row
+        self.layers = [DecoderLayer(weights, i, config, self.ops) for i in range(config.num_hidden_layers)]
         self.norm = weights["model.norm.weight"]  # [C]
         # a tied model reuses the embedding matrix as its output projection
-        self.lm_head = self.embed_tokens if config.tie_word_embeddings else weights["lm_head.weight"]  # [V, C]
+        lm_head = self.embed_tokens if config.tie_word_embeddings else weights["lm_head.weight"]  # [V, C]
+        self.lm_head = self.ops.prepare_linear("lm_head.weight", lm_head)
+
+    @property
+    def backend(self) -> str:
+        return self.ops.name
 
     def new_cache(self) -> KVCache:
         cfg = self.config
-        return KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
+        return self.ops.new_cache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
 
     def forward(self, ids, cache: KVCache | None = None, last_only: bool = False) -> np.ndarray:
         """Logits for each of the T new token ids, [T, V] float32 ([1, V] with last_only).
@@ -71,7 +76,7 @@ class Model:
             x = layer(x, cos, sin, layer_cache)
         if last_only:
             x = x[-1:]
-        return linear(rms_norm(x, self.norm, self.config.rms_norm_eps), self.lm_head)  # [T, V]
+        return self.ops.linear(self.ops.rms_norm(x, self.norm, self.config.rms_norm_eps), self.lm_head)  # [T, V]
 
     def generate(self, prompt, max_new_tokens: int = 256, **options) -> str:
         """Complete `prompt` (text, chat messages [{"role", "content"}], or token ids).

@@ -22,9 +22,9 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
         return np.float32(1) / (np.float32(1) + np.exp(-x))
 
 
-def route_tokens(x, router, top_k, norm_topk_prob):
-    """Choose experts per token.  x [T, C], router [E, C] -> (experts [T, k] int, weights [T, k])"""
-    probs = softmax(linear(x, router))  # [T, E]
+def route_tokens(router_logits, top_k, norm_topk_prob):
+    """Choose experts per token.  router_logits [T, E] -> (experts [T, k] int, weights [T, k])"""
+    probs = softmax(router_logits)  # [T, E]
     # top-k by descending probability; a stable sort keeps the lower index first on ties, as torch.topk does
     experts = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k]  # [T, k]
     weights = np.take_along_axis(probs, experts, axis=-1)  # [T, k]
@@ -33,27 +33,36 @@ def route_tokens(x, router, top_k, norm_topk_prob):
     return experts, weights
 
 
+def dispatch_experts(x, experts, chosen, weights):
+    """sum_j weights[:, j] * experts[chosen[:, j]](x), each expert run only on the tokens that chose it.
+    x [T, C], chosen and weights [T, k] -> [T, C]"""
+    out = np.zeros_like(x)
+    for e in np.unique(chosen):
+        tokens, slot = np.nonzero(chosen == e)  # which tokens picked e, and in which of their k slots
+        out[tokens] += weights[tokens, slot, None] * experts[e](x[tokens])
+    return out
+
+
 class SparseMoE:
-    def __init__(self, router, experts: list[MLP], shared_expert: MLP, shared_expert_gate, top_k, norm_topk_prob):
-        self.router = router  # [E, C]
+    def __init__(self, ops, router, experts: list[MLP], shared_expert: MLP, shared_expert_gate, top_k,
+                 norm_topk_prob):
+        self.ops = ops
+        self.router = router  # [E, C], kept in float32: it decides which experts run
         self.experts = experts  # E SwiGLU MLPs of width moe_intermediate_size
         self.shared_expert = shared_expert  # one SwiGLU MLP of width shared_expert_intermediate_size
-        self.shared_expert_gate = shared_expert_gate  # [1, C]
+        self.shared_expert_gate = shared_expert_gate  # [1, C], float32
         self.top_k = top_k
         self.norm_topk_prob = norm_topk_prob
 
     @classmethod
-    def from_weights(cls, w: dict, prefix: str, cfg) -> "SparseMoE":
-        experts = [MLP.from_weights(w, f"{prefix}.experts.{e}") for e in range(cfg.num_experts)]
-        return cls(w[f"{prefix}.gate.weight"], experts, MLP.from_weights(w, f"{prefix}.shared_expert"),
+    def from_weights(cls, w: dict, prefix: str, cfg, ops) -> "SparseMoE":
+        experts = [MLP.from_weights(w, f"{prefix}.experts.{e}", ops) for e in range(cfg.num_experts)]
+        return cls(ops, w[f"{prefix}.gate.weight"], experts, MLP.from_weights(w, f"{prefix}.shared_expert", ops),
                    w[f"{prefix}.shared_expert_gate.weight"], cfg.num_experts_per_tok, cfg.norm_topk_prob)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """x [T, C] -> [T, C]"""
-        experts, weights = route_tokens(x, self.router, self.top_k, self.norm_topk_prob)  # [T, k] each
-        out = np.zeros_like(x)
-        for e in np.unique(experts):  # only the experts some token chose
-            tokens, slot = np.nonzero(experts == e)  # which tokens picked e, and in which of their k slots
-            out[tokens] += weights[tokens, slot, None] * self.experts[e](x[tokens])
+        chosen, weights = route_tokens(linear(x, self.router), self.top_k, self.norm_topk_prob)  # [T, k] each
+        routed = self.ops.moe_dispatch(x, self.experts, chosen, weights)
         shared = sigmoid(linear(x, self.shared_expert_gate)) * self.shared_expert(x)  # [T, 1] * [T, C]
-        return out + shared
+        return routed + shared

@@ -1,0 +1,69 @@
+"""What a backend provides: the operations the model calls, and the load-time `prepare` step.
+
+This base class *is* the "numpy" backend: each method calls the refqwen function that
+defines the operation, so the reference is the specification every backend is tested
+against. A faster backend subclasses it and overrides what it accelerates; anything it
+leaves alone runs the reference. docs/backends.md explains how to write one.
+
+Shapes: T tokens, C hidden size, H query heads, KV key/value heads, D head size.
+"""
+
+import numpy as np
+
+from refqwen.attention import causal_attention
+from refqwen.cache import KVCache, LayerCache
+from refqwen.linear import linear
+from refqwen.mlp import silu
+from refqwen.moe import dispatch_experts
+from refqwen.norm import rms_norm
+from refqwen.rope import apply_rotary
+
+
+class Backend:
+    name = "numpy"
+    description = "the float32 NumPy reference (refqwen/)"
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """None if this backend can run on this machine, else why not (e.g. "no CUDA device")."""
+        return None
+
+    # ---- load time ------------------------------------------------------------------------
+
+    def prepare_linear(self, name: str, weight: np.ndarray):
+        """Convert one projection weight [out, in] float32 into this backend's form (quantize,
+        copy to a device, ...). Called once per weight at load time; `linear` receives the result."""
+        return weight
+
+    # ---- run time -------------------------------------------------------------------------
+
+    def linear(self, x: np.ndarray, weight, bias: np.ndarray | None = None) -> np.ndarray:
+        """x [T, in] -> x Wᵀ + b [T, out], W as returned by prepare_linear."""
+        return linear(x, weight, bias)
+
+    def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+        """x [T, C] -> [T, C]"""
+        return rms_norm(x, weight, eps)
+
+    def apply_rotary(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """x [T, heads, D], cos/sin [T, D] -> [T, heads, D]"""
+        return apply_rotary(x, cos, sin)
+
+    def new_cache(self, num_layers: int, num_kv_heads: int, head_dim: int) -> KVCache:
+        return KVCache(num_layers, num_kv_heads, head_dim)
+
+    def attention(self, q, k, v, cache: LayerCache, window: int | None) -> np.ndarray:
+        """Append k, v [T, KV, D] to the layer's cache, then causal attention of q [T, H, D] over
+        everything cached -> [T, H, D]."""
+        start = cache.length
+        keys, values = cache.append(k, v)
+        return causal_attention(q, keys, values, start, window)
+
+    def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        """silu(gate) * up, both [T, I]"""
+        return silu(gate) * up
+
+    def moe_dispatch(self, x, experts: list, chosen: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """sum_j weights[:, j] * experts[chosen[:, j]](x), running each expert only on its tokens.
+        x [T, C], chosen and weights [T, k] -> [T, C]"""
+        return dispatch_experts(x, experts, chosen, weights)
