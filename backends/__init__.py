@@ -12,6 +12,9 @@ from refqwen.errors import RefqwenError
 # name -> "module:class" below refqwen.backends
 REGISTRY = {
     "numpy": "base:Backend",
+    "numba-int8": "numba_int8:NumbaInt8Backend",
+    "numba-int8-channel": "numba_int8:NumbaInt8ChannelBackend",
+    "numba-w8a8": "numba_int8:NumbaW8A8Backend",
 }
 
 

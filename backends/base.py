@@ -35,7 +35,16 @@ class Backend:
         copy to a device, ...). Called once per weight at load time; `linear` receives the result."""
         return weight
 
+    def prepare_embedding(self, weight: np.ndarray):
+        """The embedding table [V, C] float32, in the form `embed` reads (and, when the model is
+        tied, the form `linear` receives as lm_head)."""
+        return weight
+
     # ---- run time -------------------------------------------------------------------------
+
+    def embed(self, ids: np.ndarray, table) -> np.ndarray:
+        """Rows of the embedding table for token ids [T] -> [T, C] float32."""
+        return np.asarray(table[ids], np.float32)
 
     def linear(self, x: np.ndarray, weight, bias: np.ndarray | None = None) -> np.ndarray:
         """x [T, in] -> x Wᵀ + b [T, out], W as returned by prepare_linear."""

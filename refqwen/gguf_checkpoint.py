@@ -8,16 +8,16 @@ Linear weight of ggml shape [in, out] arrives as the familiar [out, in].
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache, partial
 from pathlib import Path
 
 import gguf
 import numpy as np
-from tqdm import tqdm
 
 from refqwen.config import Config
 from refqwen.errors import WeightsError
 from refqwen.tokenizer import Tokenizer
-from refqwen.weights import check_shapes
+from refqwen.weights import LazyWeights, check_shapes
 
 # GGUF tensor name (after "blk.N.") -> Hugging Face name (after "model.layers.N.")
 LAYER_NAMES = {
@@ -58,15 +58,16 @@ def gguf_metadata(reader: gguf.GGUFReader) -> dict:
     return {k: f.contents() for k, f in reader.fields.items()}
 
 
-def load_gguf(path, progress: bool = True) -> tuple[Config, dict[str, np.ndarray], Tokenizer | None]:
+def load_gguf(path) -> tuple[Config, LazyWeights, Tokenizer | None]:
+    """Config, float32 weights under Hugging Face names (dequantized on demand), and the tokenizer."""
     cfg, tensors, meta = read_gguf_header(path)
     tokenizer = Tokenizer.from_gguf_metadata(meta, str(path))
-    weights = {}
-    with open(path, "rb") as f:
-        for t in tqdm(tensors, desc="dequantizing GGUF", unit="tensor", disable=not progress):
-            weights.update(_renamed(t.name, dequantize(f, t, path)))
-    check_shapes({n: w.shape for n, w in weights.items()}, cfg, source=str(path))
-    return cfg, weights, tokenizer
+    readers, shapes = {}, {}
+    for t in tensors:
+        for name, shape, read in _hf_views(t, path):
+            readers[name], shapes[name] = read, shape
+    check_shapes(shapes, cfg, source=str(path))
+    return cfg, LazyWeights(readers, shapes), tokenizer
 
 
 @dataclass(frozen=True)
@@ -101,15 +102,16 @@ def read_gguf_header(path) -> tuple[Config, list[TensorInfo], dict]:
     return cfg, tensors, meta
 
 
-def dequantize(f, t: TensorInfo, path) -> np.ndarray:
+def dequantize(path, t: TensorInfo) -> np.ndarray:
     """Read one tensor of any type the gguf package knows and widen it to float32, chunk by chunk,
     so temporary memory stays small even for the 151936-row embedding."""
     try:
         byte_shape = gguf.quants.quant_shape_to_byte_shape(t.shape, t.qtype)  # [..., bytes per row]
     except (KeyError, ValueError) as e:
         raise WeightsError(f"{path}: tensor {t.name} has unsupported type {t.qtype.name} ({e})") from None
-    f.seek(t.offset)
-    raw = np.fromfile(f, dtype=np.uint8, count=t.n_bytes).reshape(-1, byte_shape[-1])  # [R, bytes per row]
+    with open(path, "rb") as f:
+        f.seek(t.offset)
+        raw = np.fromfile(f, dtype=np.uint8, count=t.n_bytes).reshape(-1, byte_shape[-1])  # [R, bytes per row]
     out = np.empty(t.shape, np.float32)
     rows_out = out.reshape(-1, t.shape[-1])  # [R, cols]
     try:
@@ -122,15 +124,24 @@ def dequantize(f, t: TensorInfo, path) -> np.ndarray:
     return out
 
 
-def _renamed(name: str, w: np.ndarray) -> dict[str, np.ndarray]:
-    if name in GLOBAL_NAMES:
-        return {GLOBAL_NAMES[name]: w}
-    m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
+@lru_cache(maxsize=3)  # a layer's gate, up and down stacks, while its experts are read one by one
+def _dequantize_stack(path, t: TensorInfo) -> np.ndarray:
+    return dequantize(path, t)
+
+
+def _hf_views(t: TensorInfo, path):
+    """(Hugging Face name, shape, reader) for the tensor or tensors one GGUF tensor holds."""
+    if t.name in GLOBAL_NAMES:
+        return [(GLOBAL_NAMES[t.name], t.shape, partial(dequantize, path, t))]
+    m = re.fullmatch(r"blk\.(\d+)\.(.+)", t.name)
     if m and m.group(2) == "ffn_gate_inp_shexp.weight":  # llama.cpp keeps this [1, C] gate as a vector
-        w = w.reshape(1, -1)
+        shape = (1, int(np.prod(t.shape)))
+        return [(f"model.layers.{m.group(1)}.{LAYER_NAMES[m.group(2)]}", shape,
+                 lambda: dequantize(path, t).reshape(shape))]
     if m and m.group(2) in LAYER_NAMES:
-        return {f"model.layers.{m.group(1)}.{LAYER_NAMES[m.group(2)]}": w}
-    if m and m.group(2) in STACKED_EXPERTS:
-        proj = STACKED_EXPERTS[m.group(2)]
-        return {f"model.layers.{m.group(1)}.mlp.experts.{e}.{proj}.weight": w[e] for e in range(w.shape[0])}
-    return {name: w}  # unknown: left under its own name, so the shape check reports it
+        return [(f"model.layers.{m.group(1)}.{LAYER_NAMES[m.group(2)]}", t.shape, partial(dequantize, path, t))]
+    if m and m.group(2) in STACKED_EXPERTS:  # [E, out, in]: one tensor per expert
+        prefix = f"model.layers.{m.group(1)}.mlp.experts"
+        return [(f"{prefix}.{e}.{STACKED_EXPERTS[m.group(2)]}.weight", t.shape[1:],
+                 partial(lambda e: _dequantize_stack(path, t)[e], e)) for e in range(t.shape[0])]
+    return [(t.name, t.shape, partial(dequantize, path, t))]  # unknown: the shape check reports it

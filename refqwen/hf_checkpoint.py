@@ -9,37 +9,35 @@ a JSON header {name: {dtype, shape, data_offsets}}, then the raw data.
 
 import json
 import struct
+from functools import partial
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from refqwen.config import Config
 from refqwen.errors import WeightsError
 from refqwen.tokenizer import Tokenizer
-from refqwen.weights import check_shapes
+from refqwen.weights import LazyWeights, check_shapes
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # BF16 read as raw 16-bit words
 
 
-def load_hf_folder(folder, progress: bool = True) -> tuple[Config, dict[str, np.ndarray], Tokenizer | None]:
-    """Config, float32 weights, and the tokenizer if the folder has a tokenizer.json."""
+def load_hf_folder(folder) -> tuple[Config, LazyWeights, Tokenizer | None]:
+    """Config, float32 weights (read on demand), and the tokenizer if the folder has a tokenizer.json."""
     folder = Path(folder)
     cfg = Config.from_hf_file(folder / "config.json")
     tokenizer = Tokenizer.from_hf_folder(folder, cfg.eos_token_ids + _generation_eos(folder))
     headers = {f: read_header(f) for f in _weight_files(folder)}  # file -> {name: (dtype, shape, start, end)}
     found = {name: h[1] for header in headers.values() for name, h in header.items()}
     check_shapes(found, cfg, source=str(folder))
-    weights = {}
-    with tqdm(total=len(found), desc="loading weights", unit="tensor", disable=not progress) as bar:
-        for file, header in headers.items():
-            raw = np.memmap(file, dtype=np.uint8, mode="r")
-            for name, (dtype, shape, start, end) in header.items():
-                weights[name] = _as_float32(raw[start:end].view(DTYPES[dtype]).reshape(shape), dtype)
-                bar.update()
-    return cfg, weights, tokenizer
+    readers = {}
+    for file, header in headers.items():
+        raw = np.memmap(file, dtype=np.uint8, mode="r")
+        for name, (dtype, shape, start, end) in header.items():
+            readers[name] = partial(_read, raw, dtype, shape, start, end)
+    return cfg, LazyWeights(readers, found), tokenizer
 
 
 def _generation_eos(folder: Path) -> tuple[int, ...]:
@@ -95,7 +93,8 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
     return tensors
 
 
-def _as_float32(a: np.ndarray, dtype: str) -> np.ndarray:
+def _read(raw: np.memmap, dtype: str, shape, start: int, end: int) -> np.ndarray:
+    a = raw[start:end].view(DTYPES[dtype]).reshape(shape)
     if dtype == "F32":
         return a  # stays memory-mapped
     if dtype == "F16":

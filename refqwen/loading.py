@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+from tqdm import tqdm
+
 from refqwen.errors import RefqwenError
 from refqwen.model import Model
 
@@ -22,12 +24,14 @@ def load(path, backend: str = "numpy", progress: bool = True) -> Model:
     if path.is_dir():
         from refqwen.hf_checkpoint import load_hf_folder
 
-        cfg, weights, tokenizer = load_hf_folder(path, progress=progress)
+        cfg, weights, tokenizer = load_hf_folder(path)
     elif path.suffix == ".gguf":
         from refqwen.gguf_checkpoint import load_gguf
 
-        cfg, weights, tokenizer = load_gguf(path, progress=progress)
+        cfg, weights, tokenizer = load_gguf(path)
     else:
         raise RefqwenError(f"{path}: not a model; expected a Hugging Face folder (config.json + safetensors), "
                            f"a .gguf file, or 'demo'")
-    return Model(cfg, weights, tokenizer=tokenizer, source=str(path), backend=ops)
+    with tqdm(total=len(weights), desc=f"loading {path.name} ({backend})", unit="tensor", disable=not progress) as bar:
+        weights.on_read = bar.update
+        return Model(cfg, weights, tokenizer=tokenizer, source=str(path), backend=ops)

@@ -44,12 +44,12 @@ class Model:
         self.tokenizer = tokenizer  # refqwen.tokenizer.Tokenizer, or None when the checkpoint has none
         self.source = source  # where the weights came from, for messages and reports
         self.ops = backend or Backend()  # computes every operation; refqwen.backends.base.Backend is the reference
-        self.embed_tokens = weights["model.embed_tokens.weight"]  # [V, C], looked up row by row
+        self.embed_tokens = self.ops.prepare_embedding(weights["model.embed_tokens.weight"])  # [V, C]
         self.layers = [DecoderLayer(weights, i, config, self.ops) for i in range(config.num_hidden_layers)]
         self.norm = weights["model.norm.weight"]  # [C]
         # a tied model reuses the embedding matrix as its output projection
-        lm_head = self.embed_tokens if config.tie_word_embeddings else weights["lm_head.weight"]  # [V, C]
-        self.lm_head = self.ops.prepare_linear("lm_head.weight", lm_head)
+        self.lm_head = (self.embed_tokens if config.tie_word_embeddings
+                        else self.ops.prepare_linear("lm_head.weight", weights["lm_head.weight"]))  # [V, C]
 
     @property
     def backend(self) -> str:
@@ -71,7 +71,7 @@ class Model:
                                f"{self.config.max_position_embeddings} positions")
         positions = np.arange(cache.length, cache.length + len(ids))  # [T]
         cos, sin = rotary_cos_sin(self.config.rope_inv_freq, positions, self.config.rope_attention_factor)
-        x = self.embed_tokens[ids].astype(np.float32)  # [T, C]
+        x = self.ops.embed(ids, self.embed_tokens)  # [T, C]
         for layer, layer_cache in zip(self.layers, cache.layers):
             x = layer(x, cos, sin, layer_cache)
         if last_only:

@@ -54,8 +54,32 @@ def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return log_norm - logits[np.arange(len(targets)), targets]
 
 
+def scored_logits(model, ids: np.ndarray, window: int, stride: int, progress: bool = True, desc="perplexity"):
+    """Yield (logits [n, V], targets [n]) for every scored token, window by window, in pieces of
+    at most CHUNK rows (so a 1024-token window never holds [1024, V] logits at once)."""
+    spans = list(windows(len(ids), window, stride))
+    for begin, end, first in tqdm(spans, desc=desc, unit="window", disable=not progress):
+        cache = model.new_cache()
+        for a in range(begin, end - 1, CHUNK):  # position p predicts token p + 1
+            b = min(a + CHUNK, end - 1)
+            logits = model.forward(ids[a:b], cache)  # [b - a, V]
+            lo = max(a, first - 1)  # rows before first - 1 only give context
+            if lo < b:
+                yield logits[lo - a:], ids[lo + 1:b + 1]
+
+
 def perplexity(model, text_or_ids, window: int = 1024, stride: int | None = None,
                progress: bool = True) -> PerplexityResult:
+    ids = token_ids(model, text_or_ids, window, stride)
+    stride = stride or window
+    nll = np.concatenate([token_nll(logits, targets)
+                          for logits, targets in scored_logits(model, ids, window, stride, progress)])
+    mean = float(nll.mean())
+    return PerplexityResult(mean, float(np.exp(mean)), len(nll), window, stride)
+
+
+def token_ids(model, text_or_ids, window: int, stride: int | None) -> np.ndarray:
+    """Checked ids for a perplexity-style evaluation."""
     stride = stride or window
     ids = model.tokenizer.encode(text_or_ids) if isinstance(text_or_ids, str) else [int(t) for t in text_or_ids]
     if not 0 < stride <= window:
@@ -64,17 +88,4 @@ def perplexity(model, text_or_ids, window: int = 1024, stride: int | None = None
         raise RefqwenError(f"window {window} exceeds the context window of {model.config.max_position_embeddings}")
     if len(ids) < 2:
         raise RefqwenError(f"perplexity needs at least 2 tokens, got {len(ids)}")
-    ids = np.asarray(ids)
-    nll = []
-    spans = list(windows(len(ids), window, stride))
-    for begin, end, first in tqdm(spans, desc="perplexity", unit="window", disable=not progress):
-        cache = model.new_cache()
-        for a in range(begin, end - 1, CHUNK):  # position p predicts token p + 1
-            b = min(a + CHUNK, end - 1)
-            logits = model.forward(ids[a:b], cache)  # [b - a, V]
-            lo = max(a, first - 1)  # rows before first - 1 only give context
-            if lo < b:
-                nll.append(token_nll(logits[lo - a:], ids[lo + 1:b + 1]))
-    nll = np.concatenate(nll)
-    mean = float(nll.mean())
-    return PerplexityResult(mean, float(np.exp(mean)), len(nll), window, stride)
+    return np.asarray(ids)

@@ -5,6 +5,10 @@ Every loader (safetensors folders, GGUF files) maps its tensors onto these names
 model code sees one naming whatever the file format.
 """
 
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
 from refqwen.config import Config
 from refqwen.errors import WeightsError
 
@@ -61,3 +65,27 @@ def check_shapes(found: dict[str, tuple[int, ...]], cfg: Config, source: str, op
         more = len(missing) + len(wrong) + len(extra) - len(problems)
         tail = f"\n  ... and {more} more" if more > 0 else ""
         raise WeightsError(f"{source}: checkpoint does not match its config:\n  " + "\n  ".join(problems) + tail)
+
+
+class LazyWeights(Mapping):
+    """name -> float32 array, read from the checkpoint only when asked for and not kept here.
+
+    The model asks for each tensor once and hands it to its backend's prepare step, so a
+    backend that converts weights (to int8, to a GPU) never holds the whole float32 model.
+    """
+
+    def __init__(self, readers: dict[str, Callable[[], np.ndarray]], shapes: dict[str, tuple[int, ...]]):
+        self.readers, self.shapes = readers, shapes
+        self.on_read: Callable[[], object] | None = None  # e.g. a progress bar's update
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        array = self.readers[name]()
+        if self.on_read:
+            self.on_read()
+        return array
+
+    def __iter__(self):
+        return iter(self.readers)
+
+    def __len__(self) -> int:
+        return len(self.readers)

@@ -1,0 +1,51 @@
+"""How far a model (another backend, a quantized checkpoint) is from a reference model, on a text:
+top-1 next-token agreement, KL divergence of next-token distributions, and both perplexities.
+
+Windows and scored tokens are those of refqwen.perplexity (see its docstring).
+"""
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from refqwen.perplexity import scored_logits, token_ids, token_nll
+
+
+@dataclass(frozen=True)
+class Agreement:
+    tokens: int
+    top1_agreement: float  # fraction of positions where both pick the same most likely token
+    mean_kl: float  # mean over positions of KL(reference || candidate), in nats
+    max_kl: float
+    ppl_reference: float
+    ppl_candidate: float
+    ppl_relative_diff: float  # (candidate - reference) / reference
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """[T, V] -> [T, V], in float64 so that KL of nearly equal distributions is not rounding noise."""
+    logits = logits.astype(np.float64)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def agreement(reference, candidate, text_or_ids, window: int = 512, stride: int | None = None,
+              progress: bool = True) -> Agreement:
+    ids = token_ids(reference, text_or_ids, window, stride)
+    stride = stride or window
+    same, kl, nll_ref, nll_cand = [], [], [], []
+    pieces = zip(scored_logits(reference, ids, window, stride, progress, desc="reference"),
+                 scored_logits(candidate, ids, window, stride, False))
+    for (ref_logits, targets), (cand_logits, _) in pieces:
+        same.append(ref_logits.argmax(-1) == cand_logits.argmax(-1))
+        log_p, log_q = log_softmax(ref_logits), log_softmax(cand_logits)
+        kl.append((np.exp(log_p) * (log_p - log_q)).sum(-1))
+        nll_ref.append(token_nll(ref_logits, targets))
+        nll_cand.append(token_nll(cand_logits, targets))
+    kl = np.concatenate(kl)
+    ppl_ref, ppl_cand = (float(np.exp(np.concatenate(n).mean())) for n in (nll_ref, nll_cand))
+    return Agreement(len(kl), float(np.concatenate(same).mean()), float(kl.mean()), float(kl.max()),
+                     ppl_ref, ppl_cand, (ppl_cand - ppl_ref) / ppl_ref)
