@@ -1,0 +1,167 @@
+"""Every operation of every backend that can run here, against the NumPy reference (hypothesis).
+
+Tolerances come from the arithmetic, not from tuning:
+- int8 weights: each dequantized weight is within half a quantization step s of the true
+  weight, so an output is within  ½ Σ_j s[o, j] |x_j|  of the exact product;
+- int8 activations (W8A8) add  ½ Σ_j s_x[j] (|w_oj| + ½ s[o, j])  for the same reason;
+- float32 arithmetic adds at most  (I + 4) · 2⁻²³ · Σ_j |w_oj x_j|  (a dot product of length I
+  summed in any order, plus the rounding of dequantization and bias).
+Operations a backend does not override are the reference's own code and must match exactly.
+"""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from refqwen import backends, quant
+from refqwen.backends.base import Backend
+from refqwen.cache import LayerCache
+
+NAMES = [name for name, why in backends.available().items() if why is None]
+REFERENCE = Backend()
+EPS32 = 2.0 ** -23
+
+
+def draw_matrix(rng, shape, magnitude, special):
+    """Normal values scaled to `magnitude`, with exact zeros and constant rows mixed in."""
+    a = (rng.standard_normal(shape) * magnitude).astype(np.float32)
+    if special == "zeros":
+        a[rng.random(shape) < 0.3] = 0
+        a[: max(1, shape[0] // 3)] = 0  # whole rows of zeros too
+    elif special == "constant-rows":
+        a[:] = a[:, :1]
+    return a
+
+
+def steps(scales, R, I):
+    """Per-element quantization step [R, I] from per-row [R] or per-group [R, G] scales."""
+    scales = np.asarray(scales, np.float64)
+    return np.repeat(scales[:, None], I, axis=1) if scales.ndim == 1 else quant.expand(scales, I, 32)
+
+
+dims = dict(T=st.sampled_from([1, 2, 3, 5, 9, 33]), O=st.integers(1, 70), I=st.integers(1, 140),
+            x_mag=st.sampled_from([1e-3, 1.0, 30.0, 1e3]), w_mag=st.sampled_from([1e-2, 0.2, 1.0]),
+            special=st.sampled_from(["none", "zeros", "constant-rows"]), seed=st.integers(0, 2**31))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@settings(max_examples=120, deadline=None)
+@given(**dims, bias=st.booleans())
+def test_linear_within_quantization_bound(name, T, O, I, x_mag, w_mag, special, seed, bias):
+    rng = np.random.default_rng(seed)
+    ops = backends.get(name)
+    w, x = draw_matrix(rng, (O, I), w_mag, special), draw_matrix(rng, (T, I), x_mag, special)
+    b = (rng.standard_normal(O) * w_mag).astype(np.float32) if bias else None
+    got = ops.linear(x, ops.prepare_linear("w", w), b)
+    exact = x.astype(np.float64) @ w.T.astype(np.float64) + (0 if b is None else b)
+    assert got.shape == (T, O) and got.dtype == np.float32
+    assert np.all(np.abs(got - exact) <= linear_bound(ops, ops.prepare_linear("w", w), w, x, b))
+
+
+def linear_bound(ops, prepared, w, x, b):
+    """The documented bound on |error| per output [T, O]."""
+    I = w.shape[1]
+    ax, aw = np.abs(x).astype(np.float64), np.abs(w).astype(np.float64)
+    step = steps(prepared.scales, *w.shape) if hasattr(prepared, "scales") else np.zeros_like(aw)
+    bound = 0.5 * ax @ step.T  # weight rounding
+    if getattr(ops, "quantize_activations", False):
+        _, x_scales = quant.quantize_activations(x)
+        x_step = steps(x_scales, *x.shape)
+        bound += 0.5 * x_step @ (aw + 0.5 * step).T  # activation rounding
+    magnitude = (ax + 0.5 * (x_step if getattr(ops, "quantize_activations", False) else 0)) @ (aw + step).T
+    bound += (I + 4) * EPS32 * (magnitude + (0 if b is None else np.abs(b)))  # float32 rounding
+    return bound + 1e-30
+
+
+@settings(max_examples=200, deadline=None)
+@given(R=st.integers(1, 40), I=st.integers(1, 140), mag=st.sampled_from([1e-6, 1.0, 1e3]),
+       layout=st.sampled_from(quant.LAYOUTS), special=st.sampled_from(["none", "zeros", "constant-rows"]),
+       seed=st.integers(0, 2**31))
+def test_quantization_error_is_half_a_step(R, I, mag, layout, special, seed):
+    w = draw_matrix(np.random.default_rng(seed), (R, I), mag, special)
+    q, scales = quant.quantize(w, layout)
+    step = steps(scales, R, I)
+    assert np.all(np.abs(quant.dequantize(q, scales) - w) <= 0.5 * step * (1 + 4 * EPS32))
+    assert np.all(quant.dequantize(q, scales)[w == 0] == 0)
+    q2, s2 = quant.quantize(quant.dequantize(q, scales), layout)  # quantizing again changes nothing
+    assert np.array_equal(q2, q) and np.allclose(s2, scales, rtol=4 * EPS32, atol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@settings(max_examples=40, deadline=None)
+@given(V=st.integers(1, 300), C=st.integers(1, 100), T=st.integers(1, 20), seed=st.integers(0, 2**31))
+def test_embedding_rows(name, V, C, T, seed):
+    rng = np.random.default_rng(seed)
+    ops = backends.get(name)
+    table = (rng.standard_normal((V, C)) * 0.1).astype(np.float32)
+    ids = rng.integers(0, V, T)
+    prepared = ops.prepare_embedding(table)
+    got = ops.embed(ids, prepared)
+    step = steps(prepared.scales[ids], T, C) if hasattr(prepared, "scales") else 0
+    assert got.shape == (T, C) and np.all(np.abs(got - table[ids]) <= 0.5 * step * (1 + 4 * EPS32))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@settings(max_examples=60, deadline=None)
+@given(T=st.integers(1, 40), past=st.integers(0, 300), KV=st.integers(1, 4), ratio=st.integers(1, 8),
+       D=st.sampled_from([2, 8, 64]), window=st.sampled_from([None, 1, 7, 64]), mag=st.sampled_from([0.1, 3.0, 30.0]),
+       seed=st.integers(0, 2**31))
+def test_attention_over_cache(name, T, past, KV, ratio, D, window, mag, seed):
+    rng = np.random.default_rng(seed)
+    ops = backends.get(name)
+    H = KV * ratio
+    q = (rng.standard_normal((T, H, D)) * mag).astype(np.float32)
+    k, v = ((rng.standard_normal((past + T, KV, D)) * mag).astype(np.float32) for _ in range(2))
+    results = []
+    for backend in (ops, REFERENCE):
+        cache = LayerCache(KV, D)
+        if past:
+            cache.append(k[:past], v[:past])
+        results.append(backend.attention(q, k[past:], v[past:], cache, window))
+    # float32 softmax and sums in another order: a few ulps of the largest |v|
+    np.testing.assert_allclose(results[0], results[1], rtol=0, atol=64 * EPS32 * np.abs(v).max())
+
+
+@pytest.mark.parametrize("name", NAMES)
+@settings(max_examples=60, deadline=None)
+@given(T=st.integers(1, 33), C=st.integers(1, 200), mag=st.sampled_from([1e-3, 1.0, 800.0]),
+       special=st.sampled_from(["none", "zeros", "constant-rows"]), seed=st.integers(0, 2**31))
+def test_elementwise_ops(name, T, C, mag, special, seed):
+    rng = np.random.default_rng(seed)
+    ops = backends.get(name)
+    x = draw_matrix(rng, (T, C), mag, special)
+    w = (1 + 0.2 * rng.standard_normal(C)).astype(np.float32)
+    tol = 8 * EPS32
+    np.testing.assert_allclose(ops.rms_norm(x, w, 1e-6), REFERENCE.rms_norm(x, w, 1e-6), rtol=tol, atol=tol)
+    np.testing.assert_allclose(ops.swiglu(x, w * x), REFERENCE.swiglu(x, w * x), rtol=tol, atol=1e-30)
+    if C % 2 == 0:
+        cos, sin = np.cos(x[:, :]), np.sin(x[:, :])
+        heads = x[:, None, :].repeat(3, axis=1)
+        np.testing.assert_allclose(ops.apply_rotary(heads, cos, sin), REFERENCE.apply_rotary(heads, cos, sin),
+                                   rtol=tol, atol=tol * mag)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@settings(max_examples=60, deadline=None)
+@given(T=st.integers(1, 30), E=st.integers(1, 8), k=st.integers(1, 8), seed=st.integers(0, 2**31))
+def test_moe_dispatch_runs_each_chosen_expert_once(name, T, E, k, seed):
+    rng = np.random.default_rng(seed)
+    ops = backends.get(name)
+    k = min(k, E)
+    x = rng.standard_normal((T, 16)).astype(np.float32)
+    chosen = np.stack([rng.permutation(E)[:k] for _ in range(T)])  # [T, k], distinct per token
+    weights = rng.random((T, k)).astype(np.float32)
+    calls = []
+
+    def expert(e):
+        def run(rows):
+            calls.append((e, len(rows)))
+            return rows * (e + 1)
+        return run
+
+    got = ops.moe_dispatch(x, [expert(e) for e in range(E)], chosen, weights)
+    expected = sum(weights[:, j, None] * x * (chosen[:, j, None] + 1) for j in range(k))
+    np.testing.assert_allclose(got, expected, rtol=8 * EPS32, atol=8 * EPS32 * np.abs(expected).max())
+    assert sorted(e for e, _ in calls) == sorted(set(chosen.ravel()))  # only chosen experts, once each
+    assert sum(n for _, n in calls) == T * k  # each on exactly the tokens that chose it
