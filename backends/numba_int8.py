@@ -15,8 +15,8 @@ attention and the MoE router stay in float32 (the reference's code).
 import numpy as np
 
 from refqwen import quant
+from refqwen.quant import QuantizedWeight
 from refqwen.backends.base import Backend
-from refqwen.linear import linear
 
 try:
     import numba
@@ -26,22 +26,6 @@ except ImportError:  # reported by unavailable_reason()
 
 GEMV_MAX_TOKENS = 4  # up to this many tokens, GEMV per token; above, dequantized tiles into BLAS
 TILE_ROWS = 2048  # weight rows dequantized per BLAS call in prefill (2048 x 4864 floats = 40 MB at most)
-
-
-class QuantizedWeight:
-    """An int8 matrix: q [R, I] int8 and scales [R] ("channel") or [R, G] ("g32")."""
-
-    def __init__(self, q: np.ndarray, scales: np.ndarray):
-        self.q, self.scales = q, scales
-        self.shape = q.shape
-
-    @property
-    def nbytes(self) -> int:
-        return self.q.nbytes + self.scales.nbytes
-
-    def rows(self, start: int, stop: int) -> np.ndarray:
-        """Dequantized rows start..stop-1, float32 [stop - start, I]."""
-        return quant.dequantize(self.q[start:stop], self.scales[start:stop])
 
 
 class NumbaInt8Backend(Backend):
@@ -54,8 +38,15 @@ class NumbaInt8Backend(Backend):
     def unavailable_reason(cls):
         return None if numba is not None else "numba is not installed (pip install numba)"
 
+    def warm_up(self):
+        """Compile the kernels (or load them from Numba's on-disk cache) before the first token."""
+        q, x, y = np.ones((2, 40), np.int8), np.ones(40, np.float32), np.empty(2, np.float32)
+        gemv_channel(q, np.ones(2, np.float32), x, y)
+        gemv_g32(q, np.ones((2, 2), np.float32), x, y)
+        gemv_w8a8(q, np.ones((2, 2), np.float32), q[0], np.ones(2, np.float32), y)
+
     def prepare_linear(self, name, weight):
-        if isinstance(weight, QuantizedWeight):  # pre-quantized checkpoint
+        if isinstance(weight, QuantizedWeight):  # a pre-quantized checkpoint runs as it is, in either layout
             return weight
         return QuantizedWeight(*quant.quantize(weight, self.layout))
 
@@ -66,8 +57,6 @@ class NumbaInt8Backend(Backend):
         return quant.dequantize(table.q[ids], table.scales[ids])  # [T, C]
 
     def linear(self, x, weight: QuantizedWeight, bias=None):
-        if not isinstance(weight, QuantizedWeight):  # float weights (router, gates) use the reference
-            return linear(x, weight, bias)
         T = x.shape[0]
         x = np.ascontiguousarray(x, np.float32)
         if T <= GEMV_MAX_TOKENS:

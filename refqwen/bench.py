@@ -19,10 +19,12 @@ import numpy as np
 ENGINES = ("refqwen", "transformers")
 
 
-def measure(engine: str, model_path: str, prompt_tokens: int, decode_tokens: int, backend: str) -> dict:
-    """Load, prefill `prompt_tokens` random ids, then decode greedily; in this process."""
+def measure(engine: str, model_path: str, prompt_tokens: int, decode_tokens: int) -> dict:
+    """Load, prefill `prompt_tokens` random ids, then decode greedily; in this process.
+    `engine` is "transformers" or a refqwen backend name."""
+    jit_s = _warm_up(engine)
     t0 = time.perf_counter()
-    run = _refqwen_runner(model_path, backend) if engine == "refqwen" else _transformers_runner(model_path)
+    run = _transformers_runner(model_path) if engine == "transformers" else _refqwen_runner(model_path, engine)
     load_s = time.perf_counter() - t0
     ids = np.random.default_rng(0).integers(1000, 30000, prompt_tokens)
     t0 = time.perf_counter()
@@ -32,9 +34,23 @@ def measure(engine: str, model_path: str, prompt_tokens: int, decode_tokens: int
     for _ in range(decode_tokens):
         step()
     decode_s = time.perf_counter() - t0
-    return dict(engine=engine if engine != "refqwen" else f"refqwen[{backend}]", load_s=round(load_s, 2),
+    return dict(engine=engine, jit_s=jit_s, load_s=round(load_s, 2),
                 prefill_tok_s=round(prompt_tokens / prefill_s, 1), decode_tok_s=round(decode_tokens / decode_s, 2),
                 peak_rss_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3))
+
+
+def _warm_up(engine: str) -> float | None:
+    """Seconds to compile (or load from Numba's cache) a backend's kernels; None if it has none."""
+    if engine == "transformers":
+        return None
+    from refqwen import backends
+
+    ops = backends.get(engine)
+    if not hasattr(ops, "warm_up"):
+        return None
+    t0 = time.perf_counter()
+    ops.warm_up()
+    return round(time.perf_counter() - t0, 2)
 
 
 def _refqwen_runner(model_path, backend):
@@ -108,15 +124,19 @@ def attention_peak_mib(lengths=(512, 1024, 2048, 4096), heads=14, kv_heads=2, he
     return peaks
 
 
-def run_bench(model: str, prompt_tokens: int, decode_tokens: int, baseline: str, backend: str, repeats: int,
-              json_path: str | None) -> dict:
-    engines = ["refqwen"] + ([baseline] if baseline != "none" else [])
+def run_bench(model: str, prompt_tokens: int, decode_tokens: int, baseline: str, backend_names: list[str],
+              repeats: int, json_path: str | None) -> dict:
+    """Measure the baseline ("transformers", a backend name, or "none") and each backend, interleaved."""
+    from refqwen import backends
+
+    for name in backend_names + ([baseline] if baseline not in ("transformers", "none") else []):
+        backends.get(name)  # an unknown or unavailable backend fails here, with the list of available ones
+    engines = ([baseline] if baseline != "none" else []) + [b for b in backend_names if b != baseline]
     rows = []
     for repeat in range(repeats):
-        for engine in engines:  # interleaved, so drift hits both alike
+        for engine in engines:  # interleaved, so drift hits all alike
             print(f"measuring {engine} ...", file=sys.stderr, flush=True)
-            cmd = [sys.executable, "-m", "refqwen.bench", engine, model, str(prompt_tokens), str(decode_tokens),
-                   backend]
+            cmd = [sys.executable, "-m", "refqwen.bench", engine, model, str(prompt_tokens), str(decode_tokens)]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
                 raise SystemExit(f"benchmark of {engine} failed:\n{done.stderr[-3000:]}")
@@ -135,16 +155,18 @@ def print_report(report: dict, baseline: str) -> None:
     base = {r["repeat"]: r for r in report["runs"] if r["engine"] == baseline}
     print(f"model {report['model']}, prefill {report['prompt_tokens']} tokens, decode {report['decode_tokens']} "
           f"tokens, {report['cpus']} CPUs")
-    print(f"{'engine':<22}{'load s':>8}{'prefill tok/s':>15}{'decode tok/s':>14}{'peak RSS GiB':>14}"
+    print(f"{'engine':<22}{'jit s':>7}{'load s':>8}{'prefill tok/s':>15}{'decode tok/s':>14}{'peak RSS GiB':>14}"
           f"{'prefill x':>11}{'decode x':>10}")
     for r in report["runs"]:
         b = base.get(r["repeat"])
         ratios = [f"{r[k] / b[k]:.2f}" if b else "-" for k in ("prefill_tok_s", "decode_tok_s")]
-        print(f"{r['engine']:<22}{r['load_s']:>8}{r['prefill_tok_s']:>15}{r['decode_tok_s']:>14}"
+        jit = "-" if r["jit_s"] is None else r["jit_s"]
+        print(f"{r['engine']:<22}{jit:>7}{r['load_s']:>8}{r['prefill_tok_s']:>15}{r['decode_tok_s']:>14}"
               f"{r['peak_rss_gib']:>14}{ratios[0]:>11}{ratios[1]:>10}")
+    print(f"ratios (x) are against {baseline} in the same repeat")
     print("attention peak MiB by prompt length:", report["attention_peak_mib_by_T"])
 
 
 if __name__ == "__main__":  # the child process of run_bench
-    engine, model, prompt_tokens, decode_tokens, backend = sys.argv[1:6]
-    print(json.dumps(measure(engine, model, int(prompt_tokens), int(decode_tokens), backend)))
+    engine, model, prompt_tokens, decode_tokens = sys.argv[1:5]
+    print(json.dumps(measure(engine, model, int(prompt_tokens), int(decode_tokens))))

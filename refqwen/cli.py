@@ -102,8 +102,8 @@ def cmd_ppl(args):
 def cmd_bench(args):
     from refqwen.bench import run_bench
 
-    run_bench(args.model, args.prompt_tokens, args.decode_tokens, args.baseline, args.backend, args.repeats,
-              args.json)
+    run_bench(args.model, args.prompt_tokens, args.decode_tokens, args.baseline, args.backend.split(","),
+              args.repeats, args.json)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -147,10 +147,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, default=None, help="default: the window (disjoint windows)")
     p.set_defaults(run=cmd_ppl)
 
-    p = sub.add_parser("bench", parents=[model_args], help="prefill/decode speed and peak memory beside a baseline")
+    p = sub.add_parser("bench", parents=[model_args], help="prefill/decode speed and peak memory beside a baseline; "
+                                                          "--backend takes a comma-separated list")
     p.add_argument("--prompt-tokens", type=int, default=512)
-    p.add_argument("--decode-tokens", type=int, default=32)
-    p.add_argument("--baseline", choices=["transformers", "none"], default="transformers")
+    p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--baseline", default="transformers",
+                   help="'transformers' (float32, default), a backend name, or 'none'")
     p.add_argument("--repeats", type=int, default=1, help="interleaved repetitions of every engine")
     p.add_argument("--json", help="also write the report to this JSON file")
     p.set_defaults(run=cmd_bench)

@@ -145,6 +145,20 @@ class Config:
 
     # ---- Construction -------------------------------------------------------------------
 
+    def to_hf_dict(self) -> dict:
+        """A config.json that from_hf_dict (and transformers) reads back as this config."""
+        arch = {v: k for k, v in HF_ARCHITECTURES.items()}[self.model_type]
+        raw = {k: v for k, v in vars(self).items() if k in self.__dataclass_fields__
+               and k not in ("rope_theta", "rope_scaling", "sliding_window", "eos_token_ids", "layer_types")}
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling:
+            rope = dict(vars(self.rope_scaling), rope_type="yarn", rope_theta=self.rope_theta)
+        raw.update(architectures=[arch], rope_parameters=rope, use_sliding_window=self.sliding_window is not None,
+                   sliding_window=self.sliding_window, mlp_only_layers=list(self.mlp_only_layers),
+                   layer_types=list(self.layer_types) if self.layer_types else None,
+                   eos_token_id=list(self.eos_token_ids) or None)
+        return raw
+
     @classmethod
     def from_hf_file(cls, path) -> "Config":
         path = Path(path)

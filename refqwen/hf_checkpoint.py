@@ -16,12 +16,14 @@ import numpy as np
 
 from refqwen.config import Config
 from refqwen.errors import WeightsError
+from refqwen.int8_checkpoint import quantized_readers
 from refqwen.tokenizer import Tokenizer
 from refqwen.weights import LazyWeights, check_shapes
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # BF16 read as raw 16-bit words
+DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16,  # BF16 read as raw 16-bit words
+          "I8": np.int8}  # int8 checkpoints (refqwen/int8_checkpoint.py)
 
 
 def load_hf_folder(folder) -> tuple[Config, LazyWeights, Tokenizer | None]:
@@ -29,15 +31,23 @@ def load_hf_folder(folder) -> tuple[Config, LazyWeights, Tokenizer | None]:
     folder = Path(folder)
     cfg = Config.from_hf_file(folder / "config.json")
     tokenizer = Tokenizer.from_hf_folder(folder, cfg.eos_token_ids + _generation_eos(folder))
-    headers = {f: read_header(f) for f in _weight_files(folder)}  # file -> {name: (dtype, shape, start, end)}
-    found = {name: h[1] for header in headers.values() for name, h in header.items()}
-    check_shapes(found, cfg, source=str(folder))
-    readers = {}
-    for file, header in headers.items():
+    readers, shapes = {}, {}
+    for file in _weight_files(folder):
+        header, metadata = read_header(file)  # {name: (dtype, shape, start, end)}, {key: str}
         raw = np.memmap(file, dtype=np.uint8, mode="r")
-        for name, (dtype, shape, start, end) in header.items():
-            readers[name] = partial(_read, raw, dtype, shape, start, end)
-    return cfg, LazyWeights(readers, found), tokenizer
+
+        def read(name, raw=raw, header=header):
+            return _read(raw, *header[name])
+
+        if any(dtype == "I8" for dtype, *_ in header.values()):
+            file_readers, file_shapes = quantized_readers(header, metadata, read, file)
+        else:
+            file_readers = {name: partial(read, name) for name in header}
+            file_shapes = {name: h[1] for name, h in header.items()}
+        readers.update(file_readers)
+        shapes.update(file_shapes)
+    check_shapes(shapes, cfg, source=str(folder))
+    return cfg, LazyWeights(readers, shapes), tokenizer
 
 
 def _generation_eos(folder: Path) -> tuple[int, ...]:
@@ -64,8 +74,8 @@ def _weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
-    """name -> (dtype, shape, start, end), with start/end absolute byte offsets, all checked."""
+def read_header(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...], int, int]], dict]:
+    """(name -> (dtype, shape, start, end) with absolute byte offsets, all checked; the metadata)."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -78,7 +88,7 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise WeightsError(f"{path}: corrupt safetensors header ({e})") from None
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None) or {}
     tensors = {}
     for name, info in header.items():
         dtype, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
@@ -90,12 +100,12 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
             raise WeightsError(f"{path}: truncated safetensors file: tensor {name} ends at byte {8 + n + end}, "
                                f"file has {size}")
         tensors[name] = (dtype, shape, 8 + n + start, 8 + n + end)
-    return tensors
+    return tensors, metadata
 
 
 def _read(raw: np.memmap, dtype: str, shape, start: int, end: int) -> np.ndarray:
     a = raw[start:end].view(DTYPES[dtype]).reshape(shape)
-    if dtype == "F32":
+    if dtype in ("F32", "I8"):
         return a  # stays memory-mapped
     if dtype == "F16":
         return a.astype(np.float32)

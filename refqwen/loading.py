@@ -8,11 +8,8 @@ from refqwen.errors import RefqwenError
 from refqwen.model import Model
 
 
-def load(path, backend: str = "numpy", progress: bool = True) -> Model:
-    """Load a model from a Hugging Face folder, a .gguf file, or "demo" (the embedded model)."""
-    from refqwen import backends
-
-    ops = backends.get(backend)  # fails early, before a long load, on an unknown backend
+def open_checkpoint(path, progress: bool = True):
+    """(path, config, weights read on demand, tokenizer or None) of a folder, a .gguf or "demo"."""
     if str(path) == "demo":
         from refqwen.demo import demo_path
 
@@ -24,14 +21,23 @@ def load(path, backend: str = "numpy", progress: bool = True) -> Model:
     if path.is_dir():
         from refqwen.hf_checkpoint import load_hf_folder
 
-        cfg, weights, tokenizer = load_hf_folder(path)
-    elif path.suffix == ".gguf":
+        return (path, *load_hf_folder(path))
+    if path.suffix == ".gguf":
         from refqwen.gguf_checkpoint import load_gguf
 
-        cfg, weights, tokenizer = load_gguf(path)
-    else:
-        raise RefqwenError(f"{path}: not a model; expected a Hugging Face folder (config.json + safetensors), "
-                           f"a .gguf file, or 'demo'")
+        return (path, *load_gguf(path))
+    raise RefqwenError(f"{path}: not a model; expected a Hugging Face folder (config.json + safetensors), "
+                       f"a .gguf file, or 'demo'")
+
+
+def load(path, backend: str = "numpy", progress: bool = True) -> Model:
+    """Load a model from a Hugging Face folder, a .gguf file, or "demo" (the embedded model)."""
+    from refqwen import backends
+
+    ops = backends.get(backend)  # fails early, before a long load, on an unknown backend
+    path, cfg, weights, tokenizer = open_checkpoint(path, progress)
     with tqdm(total=len(weights), desc=f"loading {path.name} ({backend})", unit="tensor", disable=not progress) as bar:
         weights.on_read = bar.update
-        return Model(cfg, weights, tokenizer=tokenizer, source=str(path), backend=ops)
+        model = Model(cfg, weights, tokenizer=tokenizer, source=str(path), backend=ops)
+    ops.warm_up()
+    return model

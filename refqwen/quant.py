@@ -60,3 +60,23 @@ def dequantize(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
 def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Dynamic W8A8 activations: each token's vector in groups of 32.  x [T, I] -> (q [T, I], scales [T, G])"""
     return quantize(x, "g32")
+
+
+class QuantizedWeight:
+    """An int8 matrix as backends and checkpoints hold it: q [R, I] int8, scales [R] or [R, G] float32."""
+
+    def __init__(self, q: np.ndarray, scales: np.ndarray):
+        self.q, self.scales = q, scales
+        self.shape = q.shape
+
+    @property
+    def layout(self) -> str:
+        return "channel" if self.scales.ndim == 1 else "g32"
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + self.scales.nbytes
+
+    def rows(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Dequantized rows start..stop-1, float32."""
+        return dequantize(self.q[start:stop], self.scales[start:stop])

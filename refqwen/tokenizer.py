@@ -47,6 +47,15 @@ class Tokenizer:
         text = render_chat_template(self.chat_template, messages, add_generation_prompt, **self.special_tokens)
         return self.backend.encode(text, add_special_tokens=False).ids if tokenize else text
 
+    def save(self, folder) -> None:
+        """tokenizer.json, tokenizer_config.json (chat template, special tokens) and the end tokens
+        in generation_config.json, as from_hf_folder reads them back."""
+        folder = Path(folder)
+        self.backend.save(str(folder / "tokenizer.json"))
+        config = dict(self.special_tokens, chat_template=self.chat_template)
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+        (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": sorted(self.end_token_ids)}))
+
     # ---- construction ----------------------------------------------------------------
 
     @classmethod
