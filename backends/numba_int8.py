@@ -13,10 +13,10 @@ attention and the MoE router stay in float32 (the reference's code).
 """
 
 import numpy as np
+from refqwen.backends.base import Backend
 
 from refqwen import quant
 from refqwen.quant import QuantizedWeight
-from refqwen.backends.base import Backend
 
 try:
     import numba

@@ -8,4 +8,5 @@ from refqwen.model import Model
 from refqwen.perplexity import perplexity
 
 __version__ = "0.1.0"
-__all__ = ["load", "perplexity", "Model", "Config", "KVCache", "RefqwenError", "ConfigError", "WeightsError", "DemoModelError"]
+__all__ = ["load", "perplexity", "Model", "Config", "KVCache", "RefqwenError", "ConfigError", "WeightsError",
+           "DemoModelError"]

@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
 import torch
-
 from oracle import build_hf_model
 
 torch.set_num_threads(2)

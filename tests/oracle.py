@@ -22,8 +22,8 @@ TINY_MOE = dict(TINY, num_experts=6, num_experts_per_tok=2, moe_intermediate_siz
 CONFIGS = {
     "dense-tied": ("qwen2", dict(TINY, tie_word_embeddings=True)),
     "dense-untied": ("qwen2", dict(TINY, tie_word_embeddings=False)),
-    "dense-yarn": ("qwen2", dict(TINY, max_position_embeddings=128, rope_parameters=dict(rope_type="yarn", factor=4.0, rope_theta=10000.0,
-                                                            original_max_position_embeddings=32))),
+    "dense-yarn": ("qwen2", dict(TINY, max_position_embeddings=128, rope_parameters=dict(
+        rope_type="yarn", factor=4.0, rope_theta=10000.0, original_max_position_embeddings=32))),
     "dense-sliding": ("qwen2", dict(TINY, use_sliding_window=True, sliding_window=8, max_window_layers=2)),
     "moe-step1": ("qwen2_moe", dict(TINY_MOE, decoder_sparse_step=1, norm_topk_prob=False)),
     "moe-step1-norm": ("qwen2_moe", dict(TINY_MOE, decoder_sparse_step=1, norm_topk_prob=True)),

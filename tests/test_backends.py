@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from refqwen.backends.base import Backend
 
 from refqwen import backends, quant
-from refqwen.backends.base import Backend
 from refqwen.cache import LayerCache
 
 NAMES = [name for name, why in backends.available().items() if why is None]

@@ -5,11 +5,11 @@ import shutil
 
 import numpy as np
 import pytest
+from gguf_writer import write_gguf
+from oracle import random_weights, tiny_config
 from safetensors.numpy import load_file, save_file
 
 import refqwen
-from gguf_writer import write_gguf
-from oracle import random_weights, tiny_config
 from refqwen import ConfigError, RefqwenError, WeightsError
 
 

@@ -3,8 +3,8 @@
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from oracle import LOGITS_ATOL, random_weights, tiny_config
+
 from refqwen import Model
 
 MODELS = {kind: Model(tiny_config(kind), random_weights(tiny_config(kind)))

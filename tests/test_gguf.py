@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
-
-import refqwen
 from gguf_writer import write_gguf
 from oracle import LOGITS_ATOL, random_weights, tiny_config
+
+import refqwen
 from refqwen import Model
 
 

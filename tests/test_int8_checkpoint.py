@@ -34,7 +34,8 @@ def test_round_trip_equals_quantizing_on_load(scheme, backend, source, tmp_path,
 def test_format_on_disk(source, tmp_path):
     out = write_int8_checkpoint(source, tmp_path / "q", "int8-g32", progress=False)
     tensors = load_file(out / "model.safetensors")
-    q, scales = tensors["model.layers.0.self_attn.q_proj.weight"], tensors["model.layers.0.self_attn.q_proj.weight_scale"]
+    q = tensors["model.layers.0.self_attn.q_proj.weight"]
+    scales = tensors["model.layers.0.self_attn.q_proj.weight_scale"]
     assert q.dtype == np.int8 and q.shape == (64, 64) and scales.shape == (64, 2) and scales.dtype == np.float32
     assert tensors["model.layers.1.mlp.gate.weight"].dtype == np.float32  # the router stays float
     assert tensors["model.norm.weight"].dtype == np.float32

@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
+from oracle import CONFIGS, LOGITS_ATOL, hf_logits
 
 import refqwen
-from oracle import CONFIGS, LOGITS_ATOL, hf_logits
 
 
 @pytest.mark.parametrize("kind", sorted(CONFIGS))

@@ -15,8 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import refqwen  # noqa: E402
 from ppl_corpus import FILES  # noqa: E402
+
+import refqwen  # noqa: E402
 from refqwen import backends  # noqa: E402
 from refqwen.evaluate import agreement  # noqa: E402
 
