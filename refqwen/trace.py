@@ -228,7 +228,7 @@ def trace(model, ids, names=("*",), hooks: dict | None = None, cache=None, last_
         model.forward(ids, cache, last_only)
     finally:
         points.tracer = None
-    meta = dict(model=model.source, backend=model.backend, ids=[int(i) for i in np.asarray(ids)], start=start)
+    meta = {"model": model.source, "backend": model.backend, "ids": [int(i) for i in np.asarray(ids)], "start": start}
     return Trace(tracer.arrays, meta)
 
 
@@ -337,7 +337,8 @@ def _read_safetensors(path):
 
     with safe_open(str(path), framework="np") as f:
         meta = json.loads((f.metadata() or {}).get(_META_KEY, "{}"))
-        return {name: f.get_tensor(name) for name in f.keys()}, meta
+        arrays = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (a safe_open handle, not a dict)
+    return arrays, meta
 
 
 def load_trace(path) -> Trace:
