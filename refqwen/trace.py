@@ -57,6 +57,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError
 
 from refqwen.errors import RefqwenError
 
@@ -305,7 +306,7 @@ class Trace(Mapping):
             raise RefqwenError(f"{path}: expected a trace saved as .npz or .safetensors")
         try:
             arrays, meta = _read_npz(path) if path.suffix == ".npz" else _read_safetensors(path)
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, SafetensorError) as e:
             raise RefqwenError(f"{path}: not a readable refqwen trace ({e})") from None
         return cls.from_dict(arrays, meta)
 
