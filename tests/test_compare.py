@@ -11,10 +11,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from oracle import CONFIGS, build_hf_model, random_weights, tiny_config
+from refqwen.backends.base import Backend
 
 import refqwen
 from refqwen import RefqwenError, Trace, compare, trace
-from refqwen.backends.base import Backend
 from refqwen.hf_trace import trace_transformers
 from refqwen.trace import point_names
 
@@ -151,4 +151,4 @@ def test_cli_demo_against_transformers(demo, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["a"]["ids"] == demo.tokenizer.encode("def fib(n):") and report["b"]["backend"] == "transformers"
-    assert [p["name"] for p in report["points"]][-1] == "logits" and len(report["points"]) == 4 * 17 + 1
+    assert [p["name"] for p in report["points"]][-1] == "logits" and len(report["points"]) == 5 * 16 + 1  # layers 2, 20-23
