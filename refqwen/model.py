@@ -37,11 +37,10 @@ class DecoderLayer:
         """x [T, C] -> [T, C]"""
         hook = self.hook
         x = hook("resid_pre", x)
-        h = x + self.attn(hook("attn_norm", self.ops.rms_norm(x, self.attn_norm, self.eps)), cos, sin, cache,
-                          self.window)
-        h = hook("resid_mid", h)
-        out = h + self.mlp(hook("mlp_norm", self.ops.rms_norm(h, self.mlp_norm, self.eps)))
-        return hook("resid_post", out)
+        attn_in = hook("attn_norm", self.ops.rms_norm(x, self.attn_norm, self.eps))
+        h = hook("resid_mid", x + self.attn(attn_in, cos, sin, cache, self.window))
+        mlp_in = hook("mlp_norm", self.ops.rms_norm(h, self.mlp_norm, self.eps))
+        return hook("resid_post", h + self.mlp(mlp_in))
 
 
 class Model:

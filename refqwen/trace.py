@@ -147,7 +147,8 @@ UNTRACED = Hook(TracePoints(), "")  # class default: routed experts and unattach
 
 
 def attach_trace_points(model) -> TracePoints:
-    """Give every module of the model its hook, named as in the table above."""
+    """Give the model (model.hook: embed, final_norm, logits) and each of its modules a hook that
+    reports under its own prefix, named as in the table above."""
     from refqwen.moe import SparseMoE
 
     points = TracePoints()
