@@ -221,6 +221,10 @@ def trace(model, ids, names=("*",), hooks: dict | None = None, cache=None, last_
     hooks = dict(hooks or {})
     _check_globs(model, names, "names")
     _check_globs(model, hooks, "hooks")
+    for glob, fn in hooks.items():
+        if not callable(fn):
+            raise RefqwenError(f"hooks[{glob!r}]: expected a function fn(name, value) -> replacement or None, "
+                               f"got {type(fn).__name__}")
     points = model.trace_points
     if points.tracer is not None:
         raise RefqwenError("this model is already being traced; traces do not nest")

@@ -94,6 +94,8 @@ def test_bad_hooks_and_names_are_reported(models):
         trace(model, [1, 2], hooks={"layers.0.mlp.nope": lambda n, v: v})
     with pytest.raises(RefqwenError, match=r"hook for layers.0.attn.q returned shape \[2, 4\], expected \[2, 4, 16\]"):
         trace(model, [1, 2], hooks={"layers.0.attn.q": lambda n, v: v[..., 0]})
+    with pytest.raises(RefqwenError, match=r"hooks\['embed'\]: expected a function"):
+        trace(model, [1, 2], hooks={"embed": np.zeros(3)})
     with pytest.raises(RefqwenError, match="read-only"):
         trace(model, [1, 2], hooks={"layers.0.attn.pattern": lambda n, v: v * 2})
     assert model.trace_points.tracer is None  # a failed trace leaves the model untraced
