@@ -1,12 +1,14 @@
 """refqwen: a readable NumPy reference of the Qwen2 model family, checked against transformers."""
 
 from refqwen.cache import KVCache
+from refqwen.compare import Report, compare
 from refqwen.config import Config
 from refqwen.errors import ConfigError, DemoModelError, RefqwenError, WeightsError
 from refqwen.loading import load
 from refqwen.model import Model
 from refqwen.perplexity import perplexity
+from refqwen.trace import Trace, load_trace, trace
 
 __version__ = "0.1.0"
-__all__ = ["load", "perplexity", "Model", "Config", "KVCache", "RefqwenError", "ConfigError", "WeightsError",
-           "DemoModelError"]
+__all__ = ["Config", "ConfigError", "DemoModelError", "KVCache", "Model", "RefqwenError", "Report", "Trace",
+           "WeightsError", "compare", "load", "load_trace", "perplexity", "trace"]

@@ -8,11 +8,14 @@ O(block x block) per head whatever the prompt length, never the full T x S matri
 import numpy as np
 
 from refqwen.cache import LayerCache
+from refqwen.trace import UNTRACED
 
 BLOCK = 256  # queries and keys per block: scores use KV x G x 256 x 256 floats at most
 
 
 class Attention:
+    hook = UNTRACED  # trace points q, k, v, q_rot, k_rot, pattern, z, out (refqwen/trace.py)
+
     def __init__(self, ops, q_proj, q_bias, k_proj, k_bias, v_proj, v_bias, o_proj, num_heads, num_kv_heads):
         self.ops = ops  # the backend that computes the operations
         self.q_proj, self.q_bias = q_proj, q_bias  # [H*D, C], [H*D]
@@ -34,13 +37,16 @@ class Attention:
 
     def __call__(self, x, cos, sin, cache: LayerCache, window: int | None) -> np.ndarray:
         """x [T, C]; cos, sin [T, D] for the T new positions -> [T, C]"""
-        ops, T = self.ops, x.shape[0]
-        q = ops.linear(x, self.q_proj, self.q_bias).reshape(T, self.num_heads, -1)  # [T, H, D]
-        k = ops.linear(x, self.k_proj, self.k_bias).reshape(T, self.num_kv_heads, -1)  # [T, KV, D]
-        v = ops.linear(x, self.v_proj, self.v_bias).reshape(T, self.num_kv_heads, -1)  # [T, KV, D]
-        q, k = ops.apply_rotary(q, cos, sin), ops.apply_rotary(k, cos, sin)
-        out = ops.attention(q, k, v, cache, window)  # [T, H, D]: appends k, v to the cache, then attends
-        return ops.linear(out.reshape(T, -1), self.o_proj)
+        ops, hook, T = self.ops, self.hook, x.shape[0]
+        q = hook("q", ops.linear(x, self.q_proj, self.q_bias).reshape(T, self.num_heads, -1))  # [T, H, D]
+        k = hook("k", ops.linear(x, self.k_proj, self.k_bias).reshape(T, self.num_kv_heads, -1))  # [T, KV, D]
+        v = hook("v", ops.linear(x, self.v_proj, self.v_bias).reshape(T, self.num_kv_heads, -1))  # [T, KV, D]
+        q, k = hook("q_rot", ops.apply_rotary(q, cos, sin)), hook("k_rot", ops.apply_rotary(k, cos, sin))
+        if hook.wants("pattern"):  # opt-in: the blocked attention below never forms this [H, T, S] matrix
+            keys = np.concatenate([cache.keys[:cache.length], k])  # [S, KV, D]: cached keys, then the new ones
+            hook("pattern", attention_pattern(q, keys, cache.length, window))
+        z = hook("z", ops.attention(q, k, v, cache, window))  # [T, H, D]: appends k, v to the cache, then attends
+        return hook("out", ops.linear(z.reshape(T, -1), self.o_proj))
 
 
 def causal_attention(q, k, v, start: int, window: int | None = None, block: int = BLOCK) -> np.ndarray:
@@ -60,6 +66,24 @@ def causal_attention(q, k, v, start: int, window: int | None = None, block: int 
         t1 = min(t0 + block, T)
         out[:, :, t0:t1] = _attend_block(q[:, :, t0:t1], k, v, np.arange(start + t0, start + t1), window, block)
     return out.transpose(2, 0, 1, 3).reshape(T, H, D)  # [T, H, D]
+
+
+def attention_pattern(q, k, start: int, window: int | None = None) -> np.ndarray:
+    """The attention weights causal_attention applies, as one matrix (for tracing, not for running).
+
+    q [T, H, D] at positions start .. start+T-1; k [S, KV, D] at positions 0 .. S-1.  -> [H, T, S]
+    """
+    T, H, D = q.shape
+    S, KV = k.shape[:2]
+    k = np.repeat(k, H // KV, axis=1)  # [S, H, D]: query head h reads key head h // G
+    scores = np.einsum("thd,shd->hts", q * np.float32(D ** -0.5), k)  # [H, T, S]
+    q_pos, k_pos = np.arange(start, start + T), np.arange(S)
+    visible = k_pos[None, :] <= q_pos[:, None]  # [T, S]
+    if window is not None:
+        visible &= q_pos[:, None] - k_pos[None, :] < window
+    scores = np.where(visible, scores, -np.inf)
+    p = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return p / p.sum(axis=-1, keepdims=True)
 
 
 def _attend_block(q, k, v, q_pos, window, block):

@@ -1,4 +1,4 @@
-"""The `refqwen` command: generate, chat, info, ppl and bench."""
+"""The `refqwen` command: generate, chat, info, ppl, bench and compare."""
 
 import argparse
 import json
@@ -106,8 +106,54 @@ def cmd_bench(args):
               args.repeats, args.json)
 
 
+def cmd_compare(args):
+    """Trace the model on --backend and on --against, print where they differ; exit 1 past tolerance."""
+    from pathlib import Path
+
+    from refqwen import backends
+    from refqwen.compare import compare
+    from refqwen.trace import trace
+
+    if args.against != "transformers":
+        backends.get(args.against)  # an unknown or unavailable backend fails now, not after a long load
+    model = _load(args)
+    ids = _compare_ids(args, model)
+    names = args.names or ["*"]
+    ours = trace(model, ids, names)  # checks the globs before the (slow) reference is loaded
+    if args.against == "transformers":
+        from refqwen.hf_trace import load_transformers, trace_transformers
+
+        theirs = trace_transformers(load_transformers(model.source), ids, names)
+    else:
+        import refqwen
+
+        theirs = trace(refqwen.load(args.model, backend=args.against, progress=False), ids, names)
+    report = compare(ours, theirs, atol=args.atol, rtol=args.rtol)
+    print(report)
+    if args.json:
+        try:
+            Path(args.json).write_text(report.to_json() + "\n", encoding="utf-8")
+        except OSError as e:
+            raise RefqwenError(f"--json: cannot write {args.json}: {e.strerror}") from None
+    return 0 if report.ok else 1
+
+
+def _compare_ids(args, model) -> list[int]:
+    if (args.prompt is None) == (args.ids is None):
+        raise RefqwenError("compare: give exactly one of --prompt TEXT or --ids 1,2,3")
+    if args.ids is not None:
+        try:
+            return [int(i) for i in args.ids.split(",")]
+        except ValueError:
+            raise RefqwenError(f"--ids: expected comma-separated token ids like 1,2,3, got {args.ids!r}") from None
+    if model.tokenizer is None:
+        raise RefqwenError(f"--prompt: {model.source} has no tokenizer; give token ids with --ids 1,2,3")
+    return model.tokenizer.encode(args.prompt)
+
+
 def _parser() -> argparse.ArgumentParser:
     from refqwen import backends
+    from refqwen.compare import ATOL, RTOL
 
     parser = argparse.ArgumentParser(prog="refqwen", description="Read, run and check Qwen2 models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -156,6 +202,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=1, help="interleaved repetitions of every engine")
     p.add_argument("--json", help="also write the report to this JSON file")
     p.set_defaults(run=cmd_bench)
+
+    p = sub.add_parser("compare", parents=[model_args],
+                       help="trace points of --backend against a reference; exit 1 if a tolerance is exceeded")
+    p.add_argument("--against", default="numpy",
+                   help=f"the reference: 'transformers' or a backend ({', '.join(backends.available())})")
+    p.add_argument("--prompt", help="text to run, tokenized by the model's tokenizer")
+    p.add_argument("--ids", help="token ids to run instead of a prompt, comma-separated")
+    p.add_argument("--names", action="append",
+                   help="trace points to compare, a glob (repeatable; default '*'; docs/numerics.md lists them)")
+    p.add_argument("--atol", type=float, default=ATOL, help=f"absolute tolerance (default {ATOL:g})")
+    p.add_argument("--rtol", type=float, default=RTOL, help=f"relative tolerance (default {RTOL:g})")
+    p.add_argument("--json", help="also write the report to this JSON file")
+    p.set_defaults(run=cmd_compare)
     return parser
 
 

@@ -2,6 +2,8 @@
 
 import numpy as np
 
+from refqwen.trace import UNTRACED
+
 
 def silu(x: np.ndarray) -> np.ndarray:
     """x * sigmoid(x).  exp(-x) may overflow to inf for x < -88, which correctly gives -0."""
@@ -10,6 +12,8 @@ def silu(x: np.ndarray) -> np.ndarray:
 
 
 class MLP:
+    hook = UNTRACED  # trace points gate, up, act, down; routed experts keep this no-op (refqwen/trace.py)
+
     def __init__(self, ops, gate_proj, up_proj, down_proj):
         self.ops = ops  # the backend that computes the operations
         self.gate_proj = gate_proj  # [I, C]
@@ -23,6 +27,7 @@ class MLP:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """x [T, C] -> [T, C]"""
-        gate = self.ops.linear(x, self.gate_proj)  # [T, I]
-        up = self.ops.linear(x, self.up_proj)  # [T, I]
-        return self.ops.linear(self.ops.swiglu(gate, up), self.down_proj)
+        gate = self.hook("gate", self.ops.linear(x, self.gate_proj))  # [T, I]
+        up = self.hook("up", self.ops.linear(x, self.up_proj))  # [T, I]
+        act = self.hook("act", self.ops.swiglu(gate, up))  # [T, I]
+        return self.hook("down", self.ops.linear(act, self.down_proj))

@@ -14,9 +14,12 @@ from refqwen.errors import RefqwenError
 from refqwen.mlp import MLP
 from refqwen.moe import SparseMoE
 from refqwen.rope import rotary_cos_sin
+from refqwen.trace import UNTRACED, attach_trace_points
 
 
 class DecoderLayer:
+    hook = UNTRACED  # reports resid_pre, attn_norm, ... (refqwen/trace.py); a no-op unless a trace runs
+
     def __init__(self, w: dict, i: int, cfg: Config, ops):
         prefix = f"model.layers.{i}"
         self.ops = ops
@@ -32,8 +35,12 @@ class DecoderLayer:
 
     def __call__(self, x, cos, sin, cache) -> np.ndarray:
         """x [T, C] -> [T, C]"""
-        h = x + self.attn(self.ops.rms_norm(x, self.attn_norm, self.eps), cos, sin, cache, self.window)
-        return h + self.mlp(self.ops.rms_norm(h, self.mlp_norm, self.eps))
+        hook = self.hook
+        x = hook("resid_pre", x)
+        attn_in = hook("attn_norm", self.ops.rms_norm(x, self.attn_norm, self.eps))
+        h = hook("resid_mid", x + self.attn(attn_in, cos, sin, cache, self.window))
+        mlp_in = hook("mlp_norm", self.ops.rms_norm(h, self.mlp_norm, self.eps))
+        return hook("resid_post", h + self.mlp(mlp_in))
 
 
 class Model:
@@ -50,6 +57,8 @@ class Model:
         # a tied model reuses the embedding matrix as its output projection
         self.lm_head = (self.embed_tokens if config.tie_word_embeddings
                         else self.ops.prepare_linear("lm_head.weight", weights["lm_head.weight"]))  # [V, C]
+        # named trace points (refqwen/trace.py): idle, and free, unless refqwen.trace runs
+        self.trace_points = attach_trace_points(self)
 
     @property
     def backend(self) -> str:
@@ -71,12 +80,13 @@ class Model:
                                f"{self.config.max_position_embeddings} positions")
         positions = np.arange(cache.length, cache.length + len(ids))  # [T]
         cos, sin = rotary_cos_sin(self.config.rope_inv_freq, positions, self.config.rope_attention_factor)
-        x = self.ops.embed(ids, self.embed_tokens)  # [T, C]
+        x = self.hook("embed", self.ops.embed(ids, self.embed_tokens))  # [T, C]
         for layer, layer_cache in zip(self.layers, cache.layers):
             x = layer(x, cos, sin, layer_cache)
         if last_only:
             x = x[-1:]
-        return self.ops.linear(self.ops.rms_norm(x, self.norm, self.config.rms_norm_eps), self.lm_head)  # [T, V]
+        x = self.hook("final_norm", self.ops.rms_norm(x, self.norm, self.config.rms_norm_eps))
+        return self.hook("logits", self.ops.linear(x, self.lm_head))  # [T, V]
 
     def generate(self, prompt, max_new_tokens: int = 256, **options) -> str:
         """Complete `prompt` (text, chat messages [{"role", "content"}], or token ids).

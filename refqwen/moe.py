@@ -9,6 +9,7 @@ import numpy as np
 
 from refqwen.linear import linear
 from refqwen.mlp import MLP
+from refqwen.trace import UNTRACED
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -24,7 +25,11 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 
 def route_tokens(router_logits, top_k, norm_topk_prob):
     """Choose experts per token.  router_logits [T, E] -> (experts [T, k] int, weights [T, k])"""
-    probs = softmax(router_logits)  # [T, E]
+    return top_k_experts(softmax(router_logits), top_k, norm_topk_prob)
+
+
+def top_k_experts(probs, top_k, norm_topk_prob):
+    """The k most probable experts per token and their weights.  probs [T, E] -> ([T, k] int, [T, k])"""
     # top-k by descending probability; a stable sort keeps the lower index first on ties, as torch.topk does
     experts = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k]  # [T, k]
     weights = np.take_along_axis(probs, experts, axis=-1)  # [T, k]
@@ -44,6 +49,8 @@ def dispatch_experts(x, experts, chosen, weights):
 
 
 class SparseMoE:
+    hook = UNTRACED  # trace points router_logits ... out (refqwen/trace.py)
+
     def __init__(self, ops, router, experts: list[MLP], shared_expert: MLP, shared_expert_gate, top_k,
                  norm_topk_prob):
         self.ops = ops
@@ -62,7 +69,11 @@ class SparseMoE:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """x [T, C] -> [T, C]"""
-        chosen, weights = route_tokens(linear(x, self.router), self.top_k, self.norm_topk_prob)  # [T, k] each
-        routed = self.ops.moe_dispatch(x, self.experts, chosen, weights)
-        shared = sigmoid(linear(x, self.shared_expert_gate)) * self.shared_expert(x)  # [T, 1] * [T, C]
-        return routed + shared
+        hook = self.hook
+        probs = hook("router_probs", softmax(hook("router_logits", linear(x, self.router))))  # [T, E]
+        chosen, weights = top_k_experts(probs, self.top_k, self.norm_topk_prob)  # [T, k] each
+        chosen, weights = hook("chosen", chosen), hook("weights", weights)
+        routed = hook("routed", self.ops.moe_dispatch(x, self.experts, chosen, weights))  # [T, C]
+        shared_gate = hook("shared_gate", sigmoid(linear(x, self.shared_expert_gate)))  # [T, 1]
+        shared = hook("shared", shared_gate * self.shared_expert(x))  # [T, C]
+        return hook("out", routed + shared)
