@@ -38,12 +38,12 @@ class Backend:
         """Convert one projection weight [out, in] into this backend's form (quantize, copy to a
         device, ...). Called once per weight at load time; `linear` receives the result. The weight
         is float32, or a QuantizedWeight from a pre-quantized checkpoint (the reference dequantizes it)."""
-        return weight.rows() if isinstance(weight, QuantizedWeight) else weight
+        return weight.rows() if isinstance(weight, QuantizedWeight) else np.asarray(weight)
 
     def prepare_embedding(self, weight: np.ndarray):
         """The embedding table [V, C], in the form `embed` reads (and, when the model is tied, the
         form `linear` receives as lm_head)."""
-        return weight.rows() if isinstance(weight, QuantizedWeight) else weight
+        return weight.rows() if isinstance(weight, QuantizedWeight) else np.asarray(weight)
 
     # ---- run time -------------------------------------------------------------------------
 

@@ -102,17 +102,20 @@ def read_gguf_header(path) -> tuple[Config, list[TensorInfo], dict]:
     return cfg, tensors, meta
 
 
-def dequantize(path, t: TensorInfo) -> np.ndarray:
-    """Read one tensor of any type the gguf package knows and widen it to float32, chunk by chunk,
-    so temporary memory stays small even for the 151936-row embedding."""
+def dequantize(path, t: TensorInfo, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Read one tensor (or its rows start..stop-1) of any type the gguf package knows and widen it
+    to float32, chunk by chunk, so temporary memory stays small even for the 151936-row embedding."""
     try:
-        byte_shape = gguf.quants.quant_shape_to_byte_shape(t.shape, t.qtype)  # [..., bytes per row]
+        row_bytes = gguf.quants.quant_shape_to_byte_shape(t.shape, t.qtype)[-1]
     except (KeyError, ValueError) as e:
         raise WeightsError(f"{path}: tensor {t.name} has unsupported type {t.qtype.name} ({e})") from None
+    n_rows = t.n_bytes // row_bytes
+    start, stop, _ = slice(start, stop).indices(n_rows)
     with open(path, "rb") as f:
-        f.seek(t.offset)
-        raw = np.fromfile(f, dtype=np.uint8, count=t.n_bytes).reshape(-1, byte_shape[-1])  # [R, bytes per row]
-    out = np.empty(t.shape, np.float32)
+        f.seek(t.offset + start * row_bytes)
+        raw = np.fromfile(f, dtype=np.uint8, count=(stop - start) * row_bytes).reshape(-1, row_bytes)  # [R, bytes]
+    shape = t.shape if (start, stop) == (0, n_rows) else (stop - start, t.shape[-1])
+    out = np.empty(shape, np.float32)
     rows_out = out.reshape(-1, t.shape[-1])  # [R, cols]
     try:
         for r0 in range(0, raw.shape[0], ROWS_PER_CHUNK):
@@ -124,6 +127,25 @@ def dequantize(path, t: TensorInfo) -> np.ndarray:
     return out
 
 
+class GGUFMatrix:
+    """A 2-D GGUF tensor that dequantizes only the rows asked for: `w[a:b]` reads rows a..b-1,
+    `np.asarray(w)` the whole matrix. A backend that quantizes the 151936-row embedding slice by
+    slice then never holds it in float32."""
+
+    def __init__(self, path, t: TensorInfo):
+        self.path, self.t = path, t
+        self.shape, self.ndim, self.dtype = t.shape, 2, np.dtype(np.float32)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            return np.asarray(self)[rows]
+        return dequantize(self.path, self.t, rows.start or 0, rows.stop)
+
+    def __array__(self, dtype=None, copy=None):
+        full = dequantize(self.path, self.t)
+        return full if dtype is None else full.astype(dtype)
+
+
 @lru_cache(maxsize=3)  # a layer's gate, up and down stacks, while its experts are read one by one
 def _dequantize_stack(path, t: TensorInfo) -> np.ndarray:
     return dequantize(path, t)
@@ -131,8 +153,9 @@ def _dequantize_stack(path, t: TensorInfo) -> np.ndarray:
 
 def _hf_views(t: TensorInfo, path):
     """(Hugging Face name, shape, reader) for the tensor or tensors one GGUF tensor holds."""
-    if t.name in GLOBAL_NAMES:
-        return [(GLOBAL_NAMES[t.name], t.shape, partial(dequantize, path, t))]
+    if t.name in GLOBAL_NAMES:  # embedding and lm_head are read lazily, row slice by row slice
+        read = partial(GGUFMatrix, path, t) if len(t.shape) == 2 else partial(dequantize, path, t)
+        return [(GLOBAL_NAMES[t.name], t.shape, read)]
     m = re.fullmatch(r"blk\.(\d+)\.(.+)", t.name)
     if m and m.group(2) == "ffn_gate_inp_shexp.weight":  # llama.cpp keeps this [1, C] gate as a vector
         shape = (1, int(np.prod(t.shape)))
