@@ -11,8 +11,9 @@ shorter. An all-zero row or group gets scale 0 and q 0, so it dequantizes exactl
 
 int4, asymmetric with a zero point, per row and group of `group` (32 or 128) inputs:
     lo = min(min_g w, 0),  hi = max(max_g w, 0)        (0 is always representable)
-    scale = (hi - lo) / 15,  zero = clip(round(-lo / scale), 0, 15)
+    scale = (hi - lo) / 15 (rounded down to float32),  zero = clip(round(-lo / scale), 0, 15)
     q = clip(round(w / scale) + zero, 0, 15);   w ≈ (q - zero) * scale,   |w - (q - zero) * scale| <= scale / 2
+    (rounding half away from zero; see int4_scales for the last 15 · 2⁻²⁴ of a step)
 Two 4-bit values per byte along the input, the even column in the low nibble. The input size
 must be a multiple of the group (checked, with the sizes that would work). An all-zero group
 gets scale 0 and dequantizes to exact zeros; a zero weight always dequantizes to exactly 0.
@@ -125,14 +126,32 @@ def quantize_int4(w: np.ndarray, group: int, rows_per_chunk: int = 4096, name: s
     scales, zeros = np.empty((R, G), np.float32), np.empty((R, G), np.uint8)
     for r0 in range(0, R, rows_per_chunk):
         rows = np.asarray(w[r0:r0 + rows_per_chunk], np.float64).reshape(-1, G, group)  # [rows, G, group]
-        lo, hi = np.minimum(rows.min(axis=2), 0), np.maximum(rows.max(axis=2), 0)  # [rows, G]
-        s = ((hi - lo) / 15).astype(np.float32)
+        s, z = int4_scales(rows.min(axis=2), rows.max(axis=2))  # [rows, G] each
         with np.errstate(divide="ignore", invalid="ignore"):
-            z = np.where(s > 0, np.clip(np.rint(-lo / s), 0, 15), 0)
-            q = np.where(s[..., None] > 0, np.rint(rows / s[..., None]), 0) + z[..., None]
+            q = np.where(s[..., None] > 0, round_half_away(rows / s[..., None]), 0) + z[..., None]
         scales[r0:r0 + rows_per_chunk], zeros[r0:r0 + rows_per_chunk] = s, z
         packed[r0:r0 + rows_per_chunk] = pack_int4(np.clip(q, 0, 15).astype(np.uint8).reshape(len(rows), I))
     return packed, scales, zeros
+
+
+def int4_scales(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-group minimum and maximum (float64) -> (scale float32, zero point 0..15).
+
+    The float32 scale is rounded down, never up, so that lo and hi land on q = 0 and q = 15
+    (clipped): quantizing dequantized weights then gives the same integers (idempotence). For
+    the same reason both roundings go half away from zero. The price is at most 15 · 2⁻²⁴ of
+    a step beyond the half step."""
+    lo, hi = np.minimum(lo, 0), np.maximum(hi, 0)  # 0 is always representable
+    exact = (hi - lo) / 15
+    s = exact.astype(np.float32)
+    s = np.where(s > exact, np.nextafter(s, np.float32(0)), s)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(s > 0, np.clip(np.floor(-lo / s + 0.5), 0, 15), 0)
+    return s, z.astype(np.uint8)
+
+
+def round_half_away(x: np.ndarray) -> np.ndarray:
+    return np.trunc(x + np.copysign(0.5, x))
 
 
 def pack_int4(q: np.ndarray) -> np.ndarray:
