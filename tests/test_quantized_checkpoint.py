@@ -4,32 +4,22 @@ import json
 
 import numpy as np
 import pytest
-from oracle import TINY_MOE, random_weights
+from refqwen.backends.numba_int8 import NumbaInt4Backend
 from safetensors.numpy import load_file, save_file
 
 import refqwen
-from refqwen import Config, RefqwenError, WeightsError, quant
-from refqwen.backends.numba_int8 import NumbaInt4Backend
+from refqwen import RefqwenError, WeightsError, quant
 from refqwen.loading import open_checkpoint
 from refqwen.model import Model
 from refqwen.quantized_checkpoint import write_quantized_checkpoint
 
-# every matrix's input size a multiple of 128, so that all four schemes apply
-WIDE = dict(TINY_MOE, hidden_size=128, intermediate_size=256, moe_intermediate_size=128,
-            shared_expert_intermediate_size=128, num_experts=3, num_hidden_layers=2, decoder_sparse_step=2,
-            tie_word_embeddings=False, architectures=["Qwen2MoeForCausalLM"])
 BACKEND_OF = {"int8-g32": "numba-int8", "int8-channel": "numba-int8-channel", "int4-g32": "numba-int4",
               "int4-g128": "numba-int4"}
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    """A float32 MoE folder (one dense, one sparse layer) whose every input size is a multiple of 128."""
-    cfg = Config.from_hf_dict(WIDE)
-    folder = tmp_path_factory.mktemp("wide")
-    save_file(random_weights(cfg), str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
-    return folder
+def source(wide_source):
+    return wide_source
 
 
 @pytest.fixture(scope="module")
