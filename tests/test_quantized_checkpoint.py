@@ -186,3 +186,59 @@ def test_metadata_that_contradicts_the_tensors(quantized):
     edit(quantized, lambda t: None, metadata={"refqwen.group_size": "64"})
     with pytest.raises(WeightsError, match="refqwen.group_size=64"):
         refqwen.load(quantized, progress=False)
+
+
+@pytest.fixture
+def with_tokenizer(tiny_hf, tmp_path):
+    """The dense tiny model with a word-level tokenizer (most corpus words are [UNK]: enough to run a report)."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder = tmp_path / "src"
+    shutil.copytree(tiny_hf("dense-untied")[1], folder)
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(["def", "return", "self", "import", "(", ")", ":"])}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def test_cli_quantize_with_report(with_tokenizer, tmp_path, capsys):
+    from refqwen.cli import main
+
+    out = tmp_path / "q"
+    assert main(["quantize", str(with_tokenizer), str(out), "--scheme", "int4-g32", "--keep", "embed",
+                 "--report", "--report-tokens", "96", "--window", "32"]) == 0
+    printed = capsys.readouterr().out
+    assert "top-1 agreement" in printed and "perplexity quantized" in printed and "peak memory" in printed
+    report = json.loads((out / "quality_report.json").read_text())
+    assert report["scheme"] == "int4-g32" and report["tokens"] == 93  # 3 windows of 32, the first token unscored
+    assert 0 <= report["top1_agreement"] <= 1 and 0 <= report["mean_kl"] <= report["max_kl"]
+    assert report["ppl_relative_diff"] == pytest.approx(report["ppl_candidate"] / report["ppl_reference"] - 1)
+    assert refqwen.load(out, backend="numba-int8", progress=False).config.hidden_size == 64
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--scheme", "int4-g32", "--gguf"], "--gguf writes Q8_0, the GGUF form of int8-g32; got --scheme int4-g32"),
+    (["--keep", "embed,norms"], "--keep: unknown norms; expected a comma-separated subset of embed, lm_head"),
+    (["--shard-mib", "0"], "--shard-mib: expected a positive size"),
+])
+def test_cli_quantize_errors(args, message, with_tokenizer, tmp_path, capsys):
+    from refqwen.cli import main
+
+    assert main(["quantize", str(with_tokenizer), str(tmp_path / "q"), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
+
+
+def test_cli_refuses_an_existing_output_without_force(with_tokenizer, tmp_path, capsys):
+    from refqwen.cli import main
+
+    out = tmp_path / "q"
+    assert main(["quantize", str(with_tokenizer), str(out)]) == 0
+    assert main(["quantize", str(with_tokenizer), str(out), "--scheme", "int4-g32"]) == 2
+    assert "exists; refusing to overwrite it" in capsys.readouterr().err
+    assert main(["quantize", str(with_tokenizer), str(out), "--scheme", "int4-g32", "--force"]) == 0
+    assert load_file(out / "model.safetensors")["lm_head.weight"].dtype == np.uint8
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
