@@ -117,8 +117,9 @@ def check_group(I: int, group: int, name: str = "weight") -> None:
                            f"schemes that fit it: {', '.join(fits)}")
 
 
-def quantize_int4(w: np.ndarray, group: int, rows_per_chunk: int = 4096, name: str = "weight"):
-    """w [R, I] float32 -> (q_packed [R, I/2] uint8, scales [R, G] float32, zeros [R, G] uint8), G = I / group."""
+def quantize_int4(w: np.ndarray, group: int, rows_per_chunk: int = 1024, name: str = "weight"):
+    """w [R, I] float32 -> (q_packed [R, I/2] uint8, scales [R, G] float32, zeros [R, G] uint8), G = I / group.
+    Rows in chunks: the float64 temporaries of 1024 rows of an 18944-wide matrix are 155 MB each."""
     R, I = w.shape
     check_group(I, group, name)
     G = I // group
