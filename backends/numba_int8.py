@@ -53,7 +53,7 @@ class NumbaInt8Backend(Backend):
         gemv_g32(q, np.ones((2, 2), np.float32), x, y)
         gemv_w8a8(q, np.ones((2, 2), np.float32), q[0], np.ones(2, np.float32), y)
         packed, ones = np.ones((2, 16), np.uint8), np.ones((2, 1), np.float32)
-        gemv_int4(packed, ones, np.ones((2, 1), np.uint8), 32, x[:32], y)
+        gemv_int4(packed, ones, np.ones((2, 1), np.uint8), 32, x[:16], x[16:32], y)
 
     def prepare_linear(self, name, weight):
         if isinstance(weight, QUANTIZED):  # a pre-quantized checkpoint runs as it is
@@ -90,7 +90,7 @@ class NumbaInt8Backend(Backend):
                 xq, xs = quant.quantize_activations(x[t:t + 1])
                 gemv_w8a8(w.q, w.scales, xq[0], xs[0], y[t])
             elif isinstance(w, QuantizedInt4Weight):
-                gemv_int4(w.q_packed, w.scales, w.zeros, w.group, x[t], y[t])
+                gemv_int4(w.q_packed, w.scales, w.zeros, w.group, x[t, 0::2].copy(), x[t, 1::2].copy(), y[t])
             elif w.scales.ndim == 1:
                 gemv_channel(w.q, w.scales, x[t], y[t])
             else:
@@ -124,6 +124,7 @@ class NumbaW8A8Backend(NumbaInt8Backend):
 # (measured: 3 GB/s against 40 GB/s for the lane-wise form on 2 cores).
 
 FAST = {"reassoc", "contract"}
+FOUR_BITS, FOUR = np.int32(15), np.int32(4)  # typed constants keep the nibble arithmetic in int32
 
 if numba is not None:
 
@@ -170,22 +171,24 @@ if numba is not None:
             y[o] = lanes.sum()
 
     @njit(parallel=True, fastmath=FAST, cache=True)
-    def gemv_int4(packed, scales, zeros, group, x, y):
+    def gemv_int4(packed, scales, zeros, group, x_even, x_odd, y):
         """packed [O, I/2] uint8 (low nibble = even column), scales [O, G], zeros [O, G] uint8,
-        x [I] -> y [O]; group g covers inputs group*g .. group*g + group-1 (group a multiple of 32).
-        The nibbles are unpacked here, 32 inputs (16 bytes) at a time into 32 float lanes."""
+        x_even = x[0::2], x_odd = x[1::2] [I/2] -> y [O]; group g covers inputs group*g .. group*g + group-1.
+        The nibbles are unpacked here, a group's group/2 bytes at a time, into group/2 float lanes:
+        byte k of a group meets x_even[k] (low nibble) and x_odd[k] (high nibble), so every load is
+        contiguous (against x interleaved, the stride-2 lanes left LLVM scalar), and the nibble
+        arithmetic stays in int32 (int64 -> float32 has no packed AVX2 conversion)."""
         O = packed.shape[0]
         G = scales.shape[1]
-        blocks = group // 32
+        half = group // 2
         for o in prange(O):
-            lanes = np.zeros(32, np.float32)
+            lanes = np.zeros(half, np.float32)
             for g in range(G):
                 s = scales[o, g]
                 z = np.float32(zeros[o, g])
-                for b in range(blocks):
-                    base = g * group + b * 32
-                    for k in range(16):
-                        byte = packed[o, base // 2 + k]
-                        lanes[2 * k] += (np.float32(byte & 15) - z) * s * x[base + 2 * k]
-                        lanes[2 * k + 1] += (np.float32(byte >> 4) - z) * s * x[base + 2 * k + 1]
+                base = g * half
+                for k in range(half):
+                    byte = np.int32(packed[o, base + k])
+                    lanes[k] += ((np.float32(byte & FOUR_BITS) - z) * x_even[base + k]
+                                 + (np.float32(byte >> FOUR) - z) * x_odd[base + k]) * s
             y[o] = lanes.sum()
