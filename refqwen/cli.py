@@ -161,7 +161,10 @@ def cmd_quantize(args):
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     print(f"wrote {out}: {size_on_disk(out) / 1024 ** 2:.1f} MiB, {args.scheme}; peak memory {peak:.0f} MiB")
     if args.report:
-        report = quality_report(args.source, out, args.scheme, tokens=args.report_tokens, window=args.window)
+        # a GGUF is read back dequantized: run it on the reference backend, not quantized a second time
+        backend = "numpy" if args.gguf else "numba-int8"
+        report = quality_report(args.source, out, "Q8_0" if args.gguf else args.scheme, backend=backend,
+                                tokens=args.report_tokens, window=args.window)
         print(format_report(report))
         print(f"wrote {write_report(report, out)}")
 
