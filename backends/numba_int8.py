@@ -4,6 +4,7 @@ scales (refqwen/quant.py).
     numba-int8          weights int8 in groups of 32 along the input (like llama.cpp Q8_0), float32 activations
     numba-int8-channel  weights int8 with one scale per output channel
     numba-int4          weights int4 in groups of 32 with zero points, two per byte, float32 activations
+                        (int8-g32 for a matrix whose input is not a multiple of 32)
     numba-w8a8          weights as numba-int8, activations quantized per token and group of 32,
                         dot products of int8 pairs accumulated in int32
 
@@ -105,9 +106,17 @@ class NumbaInt8ChannelBackend(NumbaInt8Backend):
 
 
 class NumbaInt4Backend(NumbaInt8Backend):
+    """Quantizes a float checkpoint to int4 on load. A matrix whose input size the int4 groups do not
+    tile (only in test-sized models: every released Qwen2 size is a multiple of 128) is kept int8-g32,
+    rather than refusing the whole model; a checkpoint written by refqwen quantize never has one."""
     name = "numba-int4"
     description = "int4 weights in groups of 32 with zero points, float32 activations (Numba)"
     layout = "int4-g32"
+
+    def prepare_linear(self, name, weight):
+        if not isinstance(weight, QUANTIZED) and weight.shape[1] % quant.SCHEMES[self.layout][1]:
+            return quant.quantize_scheme(weight, "int8-g32", name)
+        return super().prepare_linear(name, weight)
 
 
 class NumbaW8A8Backend(NumbaInt8Backend):

@@ -228,3 +228,9 @@ def test_moe_dispatch_runs_each_chosen_expert_once(name, T, E, k, seed):
     np.testing.assert_allclose(got, expected, rtol=8 * EPS32, atol=8 * EPS32 * np.abs(expected).max())
     assert sorted(e for e, _ in calls) == sorted(set(chosen.ravel()))  # only chosen experts, once each
     assert sum(n for _, n in calls) == T * k  # each on exactly the tokens that chose it
+
+
+def test_numba_int4_keeps_a_misaligned_matrix_int8():
+    ops = backends.get("numba-int4")
+    assert ops.prepare_linear("w", np.ones((2, 48), np.float32)).scheme == "int8-g32"
+    assert ops.prepare_linear("w", np.ones((2, 64), np.float32)).scheme == "int4-g32"
