@@ -109,3 +109,34 @@ def test_export_of_a_gguf_source_copies_its_tokenizer(tiny_hf, tmp_path):
     assert fields["tokenizer.ggml.tokens"].contents()[:3] == ["a", "b", "ab"]
     assert refqwen.load(out, progress=False).tokenizer.encode("ab") == [2]
     assert fields["tokenizer.ggml.eos_token_id"].contents() == 5
+
+
+def test_a_quantized_gguf_is_a_source_too(tiny_hf, tmp_path):
+    """GGUF input of a quantized type (Q8_0 here; the demo is Q4_K/Q5_0/Q6_K) quantizes like any other source."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    from refqwen.quantized_checkpoint import write_quantized_checkpoint
+
+    src = write_gguf_checkpoint(tiny_hf("dense-untied")[1], tmp_path / "a.gguf", progress=False)
+    out = write_quantized_checkpoint(src, tmp_path / "q", "int4-g32", progress=False)
+    with safe_open(out / "model.safetensors", "np") as f:
+        meta = f.metadata()
+    assert meta["refqwen.source"] == str(src)
+    assert meta["refqwen.source_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+    from refqwen import quant
+
+    _, _, stored, _ = open_checkpoint(out, progress=False)
+    _, _, source, _ = open_checkpoint(src, progress=False)  # Q8_0, dequantized by the gguf package
+    for name in ("model.layers.1.mlp.down_proj.weight", "lm_head.weight"):
+        np.testing.assert_array_equal(stored[name].rows(), quant.quantize_scheme(source[name], "int4-g32").rows())
+
+
+def test_truncated_gguf_source_is_refused(tiny_hf, tmp_path):
+    src = write_gguf_checkpoint(tiny_hf("dense-untied")[1], tmp_path / "a.gguf", progress=False)
+    data = src.read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[: len(data) - 1000])
+    with pytest.raises(refqwen.WeightsError, match="truncated"):
+        write_gguf_checkpoint(tmp_path / "cut.gguf", tmp_path / "out.gguf", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gguf", "cut.gguf"]
