@@ -114,7 +114,8 @@ class NumbaInt4Backend(NumbaInt8Backend):
     layout = "int4-g32"
 
     def prepare_linear(self, name, weight):
-        if not isinstance(weight, QUANTIZED) and weight.shape[1] % quant.SCHEMES[self.layout][1]:
+        bits, group = quant.SCHEMES[self.layout]
+        if bits == 4 and not isinstance(weight, QUANTIZED) and weight.shape[1] % group:
             return quant.quantize_scheme(weight, "int8-g32", name)
         return super().prepare_linear(name, weight)
 
