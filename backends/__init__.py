@@ -14,6 +14,7 @@ REGISTRY = {
     "numpy": "base:Backend",
     "numba-int8": "numba_int8:NumbaInt8Backend",
     "numba-int8-channel": "numba_int8:NumbaInt8ChannelBackend",
+    "numba-int4": "numba_int8:NumbaInt4Backend",
     "numba-w8a8": "numba_int8:NumbaW8A8Backend",
 }
 

@@ -16,7 +16,7 @@ from refqwen.linear import linear
 from refqwen.mlp import silu
 from refqwen.moe import dispatch_experts
 from refqwen.norm import rms_norm
-from refqwen.quant import QuantizedWeight
+from refqwen.quant import QUANTIZED
 from refqwen.rope import apply_rotary
 
 
@@ -37,13 +37,14 @@ class Backend:
     def prepare_linear(self, name: str, weight: np.ndarray):
         """Convert one projection weight [out, in] into this backend's form (quantize, copy to a
         device, ...). Called once per weight at load time; `linear` receives the result. The weight
-        is float32, or a QuantizedWeight from a pre-quantized checkpoint (the reference dequantizes it)."""
-        return weight.rows() if isinstance(weight, QuantizedWeight) else np.asarray(weight)
+        is float32, or a QuantizedWeight / QuantizedInt4Weight from a pre-quantized checkpoint (the
+        reference dequantizes it)."""
+        return weight.rows() if isinstance(weight, QUANTIZED) else np.asarray(weight)
 
     def prepare_embedding(self, weight: np.ndarray):
         """The embedding table [V, C], in the form `embed` reads (and, when the model is tied, the
         form `linear` receives as lm_head)."""
-        return weight.rows() if isinstance(weight, QuantizedWeight) else np.asarray(weight)
+        return weight.rows() if isinstance(weight, QUANTIZED) else np.asarray(weight)
 
     # ---- run time -------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""The `refqwen` command: generate, chat, info, ppl, bench and compare."""
+"""The `refqwen` command: generate, chat, info, ppl, bench, compare and quantize."""
 
 import argparse
 import json
@@ -138,6 +138,37 @@ def cmd_compare(args):
     return 0 if report.ok else 1
 
 
+def cmd_quantize(args):
+    """Write SOURCE quantized to OUT (a folder, or with --gguf a Q8_0 .gguf); --report measures the cost."""
+    import resource
+
+    from refqwen.quality import format_report, quality_report, size_on_disk, write_report
+
+    keep = tuple(k.strip() for k in args.keep.split(",") if k.strip()) if args.keep else ()
+    if args.gguf:
+        from refqwen.gguf_export import write_gguf_checkpoint
+
+        if args.scheme != "int8-g32":
+            raise RefqwenError(f"--gguf writes Q8_0, the GGUF form of int8-g32; got --scheme {args.scheme}")
+        out = write_gguf_checkpoint(args.source, args.out, keep, args.force)
+    else:
+        from refqwen.quantized_checkpoint import write_quantized_checkpoint
+
+        if args.shard_mib <= 0:
+            raise RefqwenError(f"--shard-mib: expected a positive size in MiB, got {args.shard_mib}")
+        out = write_quantized_checkpoint(args.source, args.out, args.scheme, keep, args.force,
+                                         shard_bytes=args.shard_mib * 1024 ** 2)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(f"wrote {out}: {size_on_disk(out) / 1024 ** 2:.1f} MiB, {args.scheme}; peak memory {peak:.0f} MiB")
+    if args.report:
+        # a GGUF is read back dequantized: run it on the reference backend, not quantized a second time
+        backend = "numpy" if args.gguf else "numba-int8"
+        report = quality_report(args.source, out, "Q8_0" if args.gguf else args.scheme, backend=backend,
+                                tokens=args.report_tokens, window=args.window)
+        print(format_report(report))
+        print(f"wrote {write_report(report, out)}")
+
+
 def _compare_ids(args, model) -> list[int]:
     if (args.prompt is None) == (args.ids is None):
         raise RefqwenError("compare: give exactly one of --prompt TEXT or --ids 1,2,3")
@@ -215,6 +246,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rtol", type=float, default=RTOL, help=f"relative tolerance (default {RTOL:g})")
     p.add_argument("--json", help="also write the report to this JSON file")
     p.set_defaults(run=cmd_compare)
+
+    from refqwen.quant import SCHEMES
+
+    p = sub.add_parser("quantize", help="write a quantized checkpoint (int8/int4 folder, or a Q8_0 GGUF); "
+                                        "--report measures what it cost")
+    p.add_argument("source", help="Hugging Face folder, .gguf file, or 'demo'")
+    p.add_argument("out", help="output folder (or .gguf file with --gguf); written under a temporary name, "
+                               "then renamed")
+    p.add_argument("--scheme", default="int8-g32", choices=list(SCHEMES), help="see docs/quantization.md")
+    p.add_argument("--keep", help="keep these matrices float32: a comma-separated subset of embed,lm_head")
+    p.add_argument("--report", action="store_true", help="compare with the float32 source on the fixed corpus; "
+                                                         "prints a table and writes quality_report.json")
+    p.add_argument("--report-tokens", type=int, default=2048)
+    p.add_argument("--window", type=int, default=512, help="window of the --report evaluation")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.add_argument("--gguf", action="store_true", help="write a llama.cpp GGUF with Q8_0 tensors (int8-g32 only)")
+    p.add_argument("--shard-mib", type=int, default=2048, help="size limit of one safetensors file (MiB)")
+    p.set_defaults(run=cmd_quantize)
     return parser
 
 

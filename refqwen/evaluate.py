@@ -4,11 +4,25 @@ top-1 next-token agreement, KL divergence of next-token distributions, and both 
 Windows and scored tokens are those of refqwen.perplexity (see its docstring).
 """
 
+import json
+import string
+import textwrap
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
 from refqwen.perplexity import scored_logits, token_ids, token_nll
+
+# The fixed evaluation corpus: sources every CPython 3.11 ships, concatenated in this order
+# (tools/ppl_corpus.py writes it to a file).
+CORPUS_FILES = [Path(json.__file__).parent / f for f in ("__init__.py", "decoder.py", "encoder.py", "scanner.py",
+                                                         "tool.py")]
+CORPUS_FILES += [Path(textwrap.__file__), Path(string.__file__)]
+
+
+def corpus_text() -> str:
+    return "".join(f.read_text(encoding="utf-8") for f in CORPUS_FILES)
 
 
 @dataclass(frozen=True)

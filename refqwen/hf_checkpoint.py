@@ -16,14 +16,14 @@ import numpy as np
 
 from refqwen.config import Config
 from refqwen.errors import WeightsError
-from refqwen.int8_checkpoint import quantized_readers
+from refqwen.quantized_checkpoint import quantized_readers
 from refqwen.tokenizer import Tokenizer
 from refqwen.weights import LazyWeights, check_shapes
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16,  # BF16 read as raw 16-bit words
-          "I8": np.int8}  # int8 checkpoints (refqwen/int8_checkpoint.py)
+          "I8": np.int8, "U8": np.uint8}  # quantized checkpoints (refqwen/quantized_checkpoint.py)
 
 
 def load_hf_folder(folder) -> tuple[Config, LazyWeights, Tokenizer | None]:
@@ -39,7 +39,7 @@ def load_hf_folder(folder) -> tuple[Config, LazyWeights, Tokenizer | None]:
         def read(name, raw=raw, header=header):
             return _read(raw, *header[name])
 
-        if any(dtype == "I8" for dtype, *_ in header.values()):
+        if "refqwen.quantization" in metadata or any(dtype in ("I8", "U8") for dtype, *_ in header.values()):
             file_readers, file_shapes = quantized_readers(header, metadata, read, file)
         else:
             file_readers = {name: partial(read, name) for name in header}
@@ -105,7 +105,7 @@ def read_header(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...], int, 
 
 def _read(raw: np.memmap, dtype: str, shape, start: int, end: int) -> np.ndarray:
     a = raw[start:end].view(DTYPES[dtype]).reshape(shape)
-    if dtype in ("F32", "I8"):
+    if dtype in ("F32", "I8", "U8"):
         return a  # stays memory-mapped
     if dtype == "F16":
         return a.astype(np.float32)

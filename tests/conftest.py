@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from oracle import build_hf_model
+from oracle import TINY_MOE, build_hf_model, random_weights
 
 torch.set_num_threads(2)
 
@@ -20,6 +20,28 @@ def tiny_hf(tmp_path_factory):
         return built[kind]
 
     return get
+
+
+# An MoE config whose every input size is a multiple of 128, so that every quantization scheme applies
+WIDE = dict(TINY_MOE, hidden_size=128, intermediate_size=256, moe_intermediate_size=128,
+            shared_expert_intermediate_size=128, num_experts=3, num_hidden_layers=2, decoder_sparse_step=2,
+            tie_word_embeddings=False, architectures=["Qwen2MoeForCausalLM"])
+
+
+@pytest.fixture(scope="session")
+def wide_source(tmp_path_factory):
+    """A float32 MoE folder (layer 0 dense, layer 1 sparse) with the WIDE config."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    from refqwen import Config
+
+    cfg = Config.from_hf_dict(WIDE)
+    folder = tmp_path_factory.mktemp("wide")
+    save_file(random_weights(cfg), str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
+    return folder
 
 
 @pytest.fixture

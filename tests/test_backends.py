@@ -1,8 +1,9 @@
 """Every operation of every backend that can run here, against the NumPy reference (hypothesis).
 
 Tolerances come from the arithmetic, not from tuning:
-- int8 weights: each dequantized weight is within half a quantization step s of the true
-  weight, so an output is within  ½ Σ_j s[o, j] |x_j|  of the exact product;
+- int8 and int4 weights: each dequantized weight is within half a quantization step s of the
+  true weight, so an output is within  ½ Σ_j s[o, j] |x_j|  of the exact product (int4: plus
+  15 · 2⁻²⁴ of a step, refqwen/quant.py int4_scales);
 - int8 activations (W8A8) add  ½ Σ_j s_x[j] (|w_oj| + ½ s[o, j])  for the same reason;
 - float32 arithmetic adds at most  (I + 4) · 2⁻²³ · Σ_j |w_oj x_j|  (a dot product of length I
   summed in any order, plus the rounding of dequantization and bias).
@@ -21,6 +22,9 @@ from refqwen.cache import LayerCache
 NAMES = [name for name, why in backends.available().items() if why is None]
 REFERENCE = Backend()
 EPS32 = 2.0 ** -23
+# Beyond half a step, a dequantized weight carries float32 rounding: of w / scale, of q · scale
+# (|q| <= 127: up to 64 ulps of a step), and for int4 the scale rounded down (quant.int4_scales).
+HALF_STEP = 0.5 + 128 * EPS32
 
 
 def draw_matrix(rng, shape, magnitude, special):
@@ -34,10 +38,16 @@ def draw_matrix(rng, shape, magnitude, special):
     return a
 
 
-def steps(scales, R, I):
+def steps(scales, R, I, group=32):
     """Per-element quantization step [R, I] from per-row [R] or per-group [R, G] scales."""
     scales = np.asarray(scales, np.float64)
-    return np.repeat(scales[:, None], I, axis=1) if scales.ndim == 1 else quant.expand(scales, I, 32)
+    return np.repeat(scales[:, None], I, axis=1) if scales.ndim == 1 else quant.expand(scales, I, group)
+
+
+def aligned(ops, n: int) -> int:
+    """n rounded up to the input multiple the backend's on-load scheme needs (int4 groups tile the input)."""
+    bits, group = quant.SCHEMES.get(getattr(ops, "layout", None), (8, None))
+    return -(-n // group) * group if bits == 4 else n
 
 
 dims = dict(T=st.sampled_from([1, 2, 3, 5, 9, 33]), O=st.integers(1, 70), I=st.integers(1, 140),
@@ -51,6 +61,7 @@ dims = dict(T=st.sampled_from([1, 2, 3, 5, 9, 33]), O=st.integers(1, 70), I=st.i
 def test_linear_within_quantization_bound(name, T, O, I, x_mag, w_mag, special, seed, bias):
     rng = np.random.default_rng(seed)
     ops = backends.get(name)
+    I = aligned(ops, I)
     w, x = draw_matrix(rng, (O, I), w_mag, special), draw_matrix(rng, (T, I), x_mag, special)
     b = (rng.standard_normal(O) * w_mag).astype(np.float32) if bias else None
     got = ops.linear(x, ops.prepare_linear("w", w), b)
@@ -63,8 +74,9 @@ def linear_bound(ops, prepared, w, x, b):
     """The documented bound on |error| per output [T, O]."""
     I = w.shape[1]
     ax, aw = np.abs(x).astype(np.float64), np.abs(w).astype(np.float64)
-    step = steps(prepared.scales, *w.shape) if hasattr(prepared, "scales") else np.zeros_like(aw)
-    bound = 0.5 * ax @ step.T  # weight rounding
+    group = getattr(prepared, "group", None) or 32
+    step = steps(prepared.scales, *w.shape, group) if hasattr(prepared, "scales") else np.zeros_like(aw)
+    bound = HALF_STEP * ax @ step.T  # weight rounding
     if getattr(ops, "quantize_activations", False):
         _, x_scales = quant.quantize_activations(x)
         x_step = steps(x_scales, *x.shape)
@@ -82,10 +94,59 @@ def test_quantization_error_is_half_a_step(R, I, mag, layout, special, seed):
     w = draw_matrix(np.random.default_rng(seed), (R, I), mag, special)
     q, scales = quant.quantize(w, layout)
     step = steps(scales, R, I)
-    assert np.all(np.abs(quant.dequantize(q, scales) - w) <= 0.5 * step * (1 + 4 * EPS32))
+    assert np.all(np.abs(quant.dequantize(q, scales) - w) <= step * HALF_STEP)
     assert np.all(quant.dequantize(q, scales)[w == 0] == 0)
     q2, s2 = quant.quantize(quant.dequantize(q, scales), layout)  # quantizing again changes nothing
     assert np.array_equal(q2, q) and np.allclose(s2, scales, rtol=4 * EPS32, atol=0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(R=st.integers(1, 20), G=st.integers(1, 4), group=st.sampled_from([32, 128]),
+       mag=st.sampled_from([1e-6, 1.0, 1e3, 1e30]), seed=st.integers(0, 2**31),
+       special=st.sampled_from(["none", "zeros", "constant-rows", "positive", "negative", "symmetric"]))
+def test_int4_quantization_error_is_half_a_step(R, G, group, mag, special, seed):
+    I = G * group
+    w = draw_matrix(np.random.default_rng(seed), (R, I), mag, special if "rows" in special or special == "zeros"
+                    else "none")
+    if special in ("positive", "negative"):  # a group without one sign: the zero point sits at an end
+        w = np.abs(w) * (1 if special == "positive" else -1)
+    elif special == "symmetric":  # ±m exactly: the grid cannot hold both ends and 0, the bound still holds
+        w = np.sign(w) * np.float32(mag)
+    packed, scales, zeros = quant.quantize_int4(w, group)
+    got = quant.dequantize_int4(packed, scales, zeros, group)
+    assert packed.shape == (R, I // 2) and scales.shape == zeros.shape == (R, G) and zeros.max() <= 15
+    assert np.all(np.abs(got.astype(np.float64) - w) <= steps(scales, R, I, group) * HALF_STEP)
+    assert np.all(got[w == 0] == 0)
+    p2, s2, z2 = quant.quantize_int4(got, group)  # quantizing again changes nothing
+    assert np.array_equal(p2, packed) and np.array_equal(z2, zeros)
+    assert np.allclose(s2, scales, rtol=4 * EPS32, atol=0)
+
+
+@pytest.mark.parametrize("scheme", ["int4-g32", "int4-g128"])
+@settings(max_examples=40, deadline=None)
+@given(T=st.sampled_from([1, 2, 5, 9]), O=st.integers(1, 40), G=st.integers(1, 3), bias=st.booleans(),
+       special=st.sampled_from(["none", "zeros", "constant-rows"]), seed=st.integers(0, 2**31))
+def test_int4_checkpoint_weights_run_on_every_backend(scheme, T, O, G, bias, special, seed):
+    """A pre-quantized int4 weight: the Numba GEMV (T <= 4) and tiles (T > 4) and the reference's dequantization."""
+    rng = np.random.default_rng(seed)
+    I = G * quant.SCHEMES[scheme][1]
+    w, x = draw_matrix(rng, (O, I), 0.2, special), draw_matrix(rng, (T, I), 1.0, special)
+    b = (rng.standard_normal(O) * 0.2).astype(np.float32) if bias else None
+    weight = quant.quantize_scheme(w, scheme)
+    exact = x.astype(np.float64) @ w.T.astype(np.float64) + (0 if b is None else b)
+    for name in NAMES:
+        ops = backends.get(name)
+        if scheme not in getattr(ops, "runs_schemes", quant.SCHEMES):
+            continue
+        got = ops.linear(x, ops.prepare_linear("w", weight), b)
+        assert got.shape == (T, O) and got.dtype == np.float32
+        assert np.all(np.abs(got - exact) <= linear_bound(ops, weight, w, x, b)), name
+
+
+def test_int4_refuses_misaligned_inputs():
+    with pytest.raises(quant.RefqwenError, match=r"layer.w: input size 48 is not a multiple of the group size 32; "
+                                                 r"schemes that fit it: int8-channel, int8-g32"):
+        quant.quantize_int4(np.ones((2, 48), np.float32), 32, name="layer.w")
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -94,12 +155,14 @@ def test_quantization_error_is_half_a_step(R, I, mag, layout, special, seed):
 def test_embedding_rows(name, V, C, T, seed):
     rng = np.random.default_rng(seed)
     ops = backends.get(name)
+    C = aligned(ops, C)
     table = (rng.standard_normal((V, C)) * 0.1).astype(np.float32)
     ids = rng.integers(0, V, T)
     prepared = ops.prepare_embedding(table)
     got = ops.embed(ids, prepared)
-    step = steps(prepared.scales[ids], T, C) if hasattr(prepared, "scales") else 0
-    assert got.shape == (T, C) and np.all(np.abs(got - table[ids]) <= 0.5 * step * (1 + 4 * EPS32))
+    group = getattr(prepared, "group", None) or 32
+    step = steps(prepared.scales[ids], T, C, group) if hasattr(prepared, "scales") else 0
+    assert got.shape == (T, C) and np.all(np.abs(got - table[ids]) <= step * HALF_STEP)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -165,3 +228,9 @@ def test_moe_dispatch_runs_each_chosen_expert_once(name, T, E, k, seed):
     np.testing.assert_allclose(got, expected, rtol=8 * EPS32, atol=8 * EPS32 * np.abs(expected).max())
     assert sorted(e for e, _ in calls) == sorted(set(chosen.ravel()))  # only chosen experts, once each
     assert sum(n for _, n in calls) == T * k  # each on exactly the tokens that chose it
+
+
+def test_numba_int4_keeps_a_misaligned_matrix_int8():
+    ops = backends.get("numba-int4")
+    assert ops.prepare_linear("w", np.ones((2, 48), np.float32)).scheme == "int8-g32"
+    assert ops.prepare_linear("w", np.ones((2, 64), np.float32)).scheme == "int4-g32"

@@ -151,4 +151,5 @@ def test_cli_demo_against_transformers(demo, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["a"]["ids"] == demo.tokenizer.encode("def fib(n):") and report["b"]["backend"] == "transformers"
-    assert [p["name"] for p in report["points"]][-1] == "logits" and len(report["points"]) == 5 * 16 + 1  # layers 2, 20-23
+    points = [p["name"] for p in report["points"]]
+    assert points[-1] == "logits" and len(points) == 5 * 16 + 1  # layers 2, 20-23

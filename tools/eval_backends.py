@@ -3,23 +3,18 @@
 
     python tools/eval_backends.py [--tokens 4096] [--window 512] [--json out.json]
 
-Text: the perplexity corpus of tools/ppl_corpus.py (Python standard-library sources), its
-first --tokens tokens, in disjoint windows. Reports top-1 agreement, mean and max KL and
+Text: the perplexity corpus of refqwen/evaluate.py (Python standard-library sources; tools/ppl_corpus.py
+writes it), its first --tokens tokens, in disjoint windows. Reports top-1 agreement, mean and max KL and
 perplexities; see refqwen/evaluate.py.
 """
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from ppl_corpus import FILES  # noqa: E402
-
-import refqwen  # noqa: E402
-from refqwen import backends  # noqa: E402
-from refqwen.evaluate import agreement  # noqa: E402
+import refqwen
+from refqwen import backends
+from refqwen.evaluate import agreement, corpus_text
 
 
 def main():
@@ -32,8 +27,7 @@ def main():
     parser.add_argument("--json")
     args = parser.parse_args()
     reference = refqwen.load(args.model)
-    text = "".join(f.read_text(encoding="utf-8") for f in FILES)
-    ids = reference.tokenizer.encode(text)[: args.tokens]
+    ids = reference.tokenizer.encode(corpus_text())[: args.tokens]
     rows = {}
     for name in args.backends:
         candidate = refqwen.load(args.model, backend=name)

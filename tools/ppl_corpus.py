@@ -7,17 +7,14 @@ Order: json/__init__.py, json/decoder.py, json/encoder.py, json/scanner.py, json
 textwrap.py, string.py (from the running interpreter's standard library), joined as is.
 """
 
-import json
-import string
 import sys
-import textwrap
 from pathlib import Path
 
-FILES = [Path(json.__file__).parent / f for f in ("__init__.py", "decoder.py", "encoder.py", "scanner.py", "tool.py")]
-FILES += [Path(textwrap.__file__), Path(string.__file__)]
+from refqwen.evaluate import CORPUS_FILES as FILES
+from refqwen.evaluate import corpus_text
 
 if __name__ == "__main__":
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "corpus.txt")
-    text = "".join(f.read_text(encoding="utf-8") for f in FILES)
+    text = corpus_text()
     out.write_text(text, encoding="utf-8")
     print(f"{out}: {len(text)} characters from {len(FILES)} files of Python {sys.version.split()[0]}")
