@@ -41,12 +41,33 @@ class Backend:
         reference dequantizes it)."""
         return weight.rows() if isinstance(weight, QUANTIZED) else np.asarray(weight)
 
+    def prepare_float(self, name: str, tensor: np.ndarray):
+        """A small tensor the model keeps in float32 whatever the backend: norm weights, biases, the
+        MoE router and shared-expert gate (they decide which experts run; a flipped choice costs more
+        than any kernel saves). A GPU backend copies it to the device."""
+        return np.asarray(tensor, np.float32)
+
+    def check_fits(self, config, source: str) -> None:
+        """Raise a RefqwenError, before any weight is read, if a model of this config cannot fit
+        where this backend keeps its weights (a GPU's memory); say what would fit."""
+
     def prepare_embedding(self, weight: np.ndarray):
         """The embedding table [V, C], in the form `embed` reads (and, when the model is tied, the
         form `linear` receives as lm_head)."""
         return weight.rows() if isinstance(weight, QUANTIZED) else np.asarray(weight)
 
     # ---- run time -------------------------------------------------------------------------
+
+    def to_host(self, x) -> np.ndarray:
+        """A NumPy array of one of this backend's arrays (the logits, a traced value)."""
+        return np.asarray(x)
+
+    def next_token(self, logits, history: list[int], sampling, rng) -> int:
+        """Choose the next token id from one row of logits [V] (refqwen/generate.py's rule). A GPU
+        backend runs the same rule on the device, so that decoding moves one id, not V logits."""
+        from refqwen.generate import next_token
+
+        return next_token(logits, history, sampling, rng)
 
     def embed(self, ids: np.ndarray, table) -> np.ndarray:
         """Rows of the embedding table for token ids [T] -> [T, C] float32."""

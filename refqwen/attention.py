@@ -30,7 +30,7 @@ class Attention:
             return ops.prepare_linear(f"{prefix}.{name}.weight", w[f"{prefix}.{name}.weight"])
 
         def bias(name):  # qwen2_moe may switch q/k/v biases off (qkv_bias: false)
-            return w[f"{prefix}.{name}.bias"] if cfg.qkv_bias else None
+            return ops.prepare_float(f"{prefix}.{name}.bias", w[f"{prefix}.{name}.bias"]) if cfg.qkv_bias else None
 
         return cls(ops, weight("q_proj"), bias("q_proj"), weight("k_proj"), bias("k_proj"), weight("v_proj"),
                    bias("v_proj"), weight("o_proj"), cfg.num_attention_heads, cfg.num_key_value_heads)

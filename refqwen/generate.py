@@ -76,17 +76,17 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, sampling: Sa
                            f"so at most {limit - 1} leave room to generate")
     rng = np.random.default_rng(seed)
     cache = model.new_cache()
-    logits = model.forward(prompt_ids, cache, last_only=True)[-1]
+    logits = model.logits(prompt_ids, cache, last_only=True)[-1]  # [V], where the backend keeps it
     history = list(prompt_ids)
     for i in range(max_new_tokens):
-        token = next_token(logits, history, sampling, rng)
+        token = model.ops.next_token(logits, history, sampling, rng)
         if token in stop_ids:
             return
         yield token
         history.append(token)
         if i + 1 == max_new_tokens or cache.length == limit:
             return
-        logits = model.forward([token], cache, last_only=True)[-1]
+        logits = model.logits([token], cache, last_only=True)[-1]
 
 
 class TextStream:

@@ -23,9 +23,11 @@ class DecoderLayer:
     def __init__(self, w: dict, i: int, cfg: Config, ops):
         prefix = f"model.layers.{i}"
         self.ops = ops
-        self.attn_norm = w[f"{prefix}.input_layernorm.weight"]  # [C]
+        self.attn_norm = ops.prepare_float(f"{prefix}.input_layernorm.weight",
+                                           w[f"{prefix}.input_layernorm.weight"])  # [C]
         self.attn = Attention.from_weights(w, f"{prefix}.self_attn", cfg, ops)
-        self.mlp_norm = w[f"{prefix}.post_attention_layernorm.weight"]  # [C]
+        self.mlp_norm = ops.prepare_float(f"{prefix}.post_attention_layernorm.weight",
+                                          w[f"{prefix}.post_attention_layernorm.weight"])  # [C]
         if i in cfg.sparse_layers:
             self.mlp = SparseMoE.from_weights(w, f"{prefix}.mlp", cfg, ops)
         else:
@@ -53,7 +55,7 @@ class Model:
         self.ops = backend or Backend()  # computes every operation; refqwen.backends.base.Backend is the reference
         self.embed_tokens = self.ops.prepare_embedding(weights["model.embed_tokens.weight"])  # [V, C]
         self.layers = [DecoderLayer(weights, i, config, self.ops) for i in range(config.num_hidden_layers)]
-        self.norm = weights["model.norm.weight"]  # [C]
+        self.norm = self.ops.prepare_float("model.norm.weight", weights["model.norm.weight"])  # [C]
         # a tied model reuses the embedding matrix as its output projection
         self.lm_head = (self.embed_tokens if config.tie_word_embeddings
                         else self.ops.prepare_linear("lm_head.weight", weights["lm_head.weight"]))  # [V, C]
@@ -69,10 +71,14 @@ class Model:
         return self.ops.new_cache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
 
     def forward(self, ids, cache: KVCache | None = None, last_only: bool = False) -> np.ndarray:
-        """Logits for each of the T new token ids, [T, V] float32 ([1, V] with last_only).
+        """Logits for each of the T new token ids, [T, V] float32 NumPy ([1, V] with last_only).
 
         With a cache, the ids continue the sequence the cache holds, and the cache is extended.
         """
+        return self.ops.to_host(self.logits(ids, cache, last_only))
+
+    def logits(self, ids, cache: KVCache | None = None, last_only: bool = False):
+        """forward's logits where the backend keeps them (on the GPU for a GPU backend)."""
         ids = self._check_ids(ids)
         cache = cache if cache is not None else self.new_cache()
         if cache.length + len(ids) > self.config.max_position_embeddings:

@@ -64,8 +64,10 @@ class SparseMoE:
     @classmethod
     def from_weights(cls, w: dict, prefix: str, cfg, ops) -> "SparseMoE":
         experts = [MLP.from_weights(w, f"{prefix}.experts.{e}", ops) for e in range(cfg.num_experts)]
-        return cls(ops, w[f"{prefix}.gate.weight"], experts, MLP.from_weights(w, f"{prefix}.shared_expert", ops),
-                   w[f"{prefix}.shared_expert_gate.weight"], cfg.num_experts_per_tok, cfg.norm_topk_prob)
+        router, shared_gate = (ops.prepare_float(f"{prefix}.{n}.weight", w[f"{prefix}.{n}.weight"])
+                               for n in ("gate", "shared_expert_gate"))
+        return cls(ops, router, experts, MLP.from_weights(w, f"{prefix}.shared_expert", ops), shared_gate,
+                   cfg.num_experts_per_tok, cfg.norm_topk_prob)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """x [T, C] -> [T, C]"""

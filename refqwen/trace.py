@@ -59,6 +59,7 @@ from pathlib import Path
 import numpy as np
 from safetensors import SafetensorError
 
+from refqwen.arrays import array_module, to_host
 from refqwen.errors import RefqwenError
 
 _MLP = ("gate", "up", "act", "down")
@@ -195,7 +196,7 @@ class Tracer:
         if kept:
             if name in self.arrays:
                 raise RefqwenError(f"trace point {name} was reached twice in one forward pass")
-            self.arrays[name] = np.array(value, copy=True)  # a copy: the run may reuse or view its buffers
+            self.arrays[name] = np.array(to_host(value), copy=True)  # a copy: the run may reuse or view its buffers
         return value
 
 
@@ -203,7 +204,7 @@ def _checked_replacement(name, value, replacement):
     if any(name.endswith("." + p) for p in READ_ONLY):
         raise RefqwenError(f"hook for {name} returned a replacement, but {name} is read-only: it is computed "
                            f"beside the forward pass; replace attn.q_rot / attn.k_rot or attn.z instead")
-    replacement = np.asarray(replacement, dtype=value.dtype)
+    replacement = array_module(value).asarray(replacement, dtype=value.dtype)  # where the run keeps value
     if replacement.shape != value.shape:
         raise RefqwenError(f"hook for {name} returned shape {list(replacement.shape)}, expected "
                            f"{list(value.shape)}")
