@@ -16,6 +16,10 @@ REGISTRY = {
     "numba-int8-channel": "numba_int8:NumbaInt8ChannelBackend",
     "numba-int4": "numba_int8:NumbaInt4Backend",
     "numba-w8a8": "numba_int8:NumbaW8A8Backend",
+    "cupy": "cupy_gpu:CupyBackend",
+    "cupy-int8-channel": "cupy_gpu:CupyInt8ChannelBackend",
+    "cupy-f16": "cupy_gpu:CupyF16Backend",
+    "cupy-bf16": "cupy_gpu:CupyBF16Backend",
 }
 
 

@@ -62,13 +62,6 @@ class Backend:
         """A NumPy array of one of this backend's arrays (the logits, a traced value)."""
         return np.asarray(x)
 
-    def next_token(self, logits, history: list[int], sampling, rng) -> int:
-        """Choose the next token id from one row of logits [V] (refqwen/generate.py's rule). A GPU
-        backend runs the same rule on the device, so that decoding moves one id, not V logits."""
-        from refqwen.generate import next_token
-
-        return next_token(logits, history, sampling, rng)
-
     def embed(self, ids: np.ndarray, table) -> np.ndarray:
         """Rows of the embedding table for token ids [T] -> [T, C] float32."""
         return np.asarray(table[ids], np.float32)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from refqwen.arrays import array_module
 from refqwen.errors import RefqwenError
 
 
@@ -29,19 +30,24 @@ class Sampling:
 
 
 def next_token(logits: np.ndarray, history: list[int], s: Sampling, rng: np.random.Generator) -> int:
-    """Choose the next token from logits [V], given every token so far (for the repetition penalty)."""
+    """Choose the next token from logits [V], given every token so far (for the repetition penalty).
+
+    logits may be a CuPy array: the NumPy calls below then run on the GPU (refqwen/arrays.py), and
+    only the chosen id comes back to the host."""
     logits = penalize_repetition(logits, history, s.repetition_penalty)
     if s.temperature == 0:
         return int(np.argmax(logits))
     probs = sampling_probs(logits, s)
-    return int(min(np.searchsorted(np.cumsum(probs), rng.random(), side="right"), len(probs) - 1))
+    xp = array_module(probs)
+    chosen = xp.searchsorted(np.cumsum(probs), xp.asarray([rng.random()]), side="right")  # [1]
+    return int(min(int(chosen[0]), len(probs) - 1))
 
 
 def penalize_repetition(logits: np.ndarray, history: list[int], penalty: float) -> np.ndarray:
     """transformers' rule: seen tokens move away from being chosen, whatever their sign.  -> a copy"""
     logits = logits.astype(np.float32)
     if penalty != 1.0 and history:
-        seen = np.unique(history)
+        seen = array_module(logits).asarray(np.unique(history))
         logits[seen] = np.where(logits[seen] > 0, logits[seen] / penalty, logits[seen] * penalty)
     return logits
 
@@ -79,7 +85,7 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, sampling: Sa
     logits = model.logits(prompt_ids, cache, last_only=True)[-1]  # [V], where the backend keeps it
     history = list(prompt_ids)
     for i in range(max_new_tokens):
-        token = model.ops.next_token(logits, history, sampling, rng)
+        token = next_token(logits, history, sampling, rng)
         if token in stop_ids:
             return
         yield token

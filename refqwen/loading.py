@@ -36,6 +36,7 @@ def load(path, backend: str = "numpy", progress: bool = True) -> Model:
 
     ops = backends.get(backend)  # fails early, before a long load, on an unknown backend
     path, cfg, weights, tokenizer = open_checkpoint(path, progress)
+    ops.check_fits(cfg, str(path))  # a GPU backend says now, not after minutes of copying, if it cannot fit
     with tqdm(total=len(weights), desc=f"loading {path.name} ({backend})", unit="tensor", disable=not progress) as bar:
         weights.on_read = bar.update
         model = Model(cfg, weights, tokenizer=tokenizer, source=str(path), backend=ops)

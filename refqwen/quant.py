@@ -21,6 +21,7 @@ gets scale 0 and dequantizes to exact zeros; a zero weight always dequantizes to
 
 import numpy as np
 
+from refqwen.arrays import array_module
 from refqwen.errors import RefqwenError
 
 GROUP = 32
@@ -31,18 +32,19 @@ SCHEMES = {"int8-channel": (8, None), "int8-g32": (8, 32), "int4-g32": (4, 32), 
 
 def group_scales(w: np.ndarray, group: int | None) -> np.ndarray:
     """max |w| / 127 per row ([R, 1]) or per row and group ([R, G]) of w [R, I]."""
+    xp = array_module(w)  # NumPy, or CuPy when a GPU backend quantizes on the device
     R, I = w.shape
     if group is None:
-        return (np.abs(w).max(axis=1, keepdims=True) / 127).astype(np.float32)  # [R, 1]
+        return (xp.abs(w).max(axis=1, keepdims=True) / 127).astype(np.float32)  # [R, 1]
     G = -(-I // group)
-    padded = np.zeros((R, G * group), np.float32)  # zero padding never raises a group's maximum
-    padded[:, :I] = np.abs(w)
+    padded = xp.zeros((R, G * group), np.float32)  # zero padding never raises a group's maximum
+    padded[:, :I] = xp.abs(w)
     return (padded.reshape(R, G, group).max(axis=2) / 127).astype(np.float32)  # [R, G]
 
 
 def expand(scales: np.ndarray, I: int, group: int | None) -> np.ndarray:
     """Per-element scales [R, I] from per-row [R, 1] or per-group [R, G] scales."""
-    return scales if group is None else np.repeat(scales, group, axis=1)[:, :I]
+    return scales if group is None else array_module(scales).repeat(scales, group, axis=1)[:, :I]
 
 
 def quantize(w: np.ndarray, layout: str, rows_per_chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
@@ -51,15 +53,16 @@ def quantize(w: np.ndarray, layout: str, rows_per_chunk: int = 4096) -> tuple[np
     if layout not in LAYOUTS:
         raise RefqwenError(f"unknown int8 layout {layout!r}; expected one of {LAYOUTS}")
     group = GROUP if layout == "g32" else None
+    xp = array_module(w)  # NumPy, or CuPy when a GPU backend quantizes on the device
     R, I = w.shape
-    q = np.empty((R, I), np.int8)
-    scales = np.empty((R, 1 if group is None else -(-I // group)), np.float32)
+    q = xp.empty((R, I), np.int8)
+    scales = xp.empty((R, 1 if group is None else -(-I // group)), np.float32)
     for r0 in range(0, R, rows_per_chunk):
-        rows = np.asarray(w[r0:r0 + rows_per_chunk], np.float32)
+        rows = xp.asarray(w[r0:r0 + rows_per_chunk], np.float32)
         scales[r0:r0 + rows_per_chunk] = group_scales(rows, group)
         full = expand(scales[r0:r0 + rows_per_chunk], I, group)  # [rows, I]
         with np.errstate(divide="ignore", invalid="ignore"):
-            q[r0:r0 + rows_per_chunk] = np.clip(np.where(full > 0, np.rint(rows / full), 0), -127, 127)
+            q[r0:r0 + rows_per_chunk] = xp.clip(xp.where(full > 0, xp.rint(rows / full), 0), -127, 127)
     return q, scales[:, 0] if group is None else scales
 
 

@@ -1,0 +1,249 @@
+"""The CUDA kernels of the cupy backends, each beside its plain NumPy twin.
+
+Every kernel here has a twin that computes the same thing with NumPy. The backend
+(backends/cupy_gpu.py) calls `DeviceKernels` on a GPU and `HostKernels` in host mode,
+where NumPy stands in for CuPy; the tests check the twins against the reference on any
+machine, and the real kernels against their twins on a machine with a GPU
+(tests/test_gpu.py). `compile_ptx` compiles the CUDA source with NVRTC, which needs no
+GPU, so CI proves that every kernel at least compiles.
+
+    gemv_int8 / gemv_f16 / gemv_bf16   y[t, o] = sum_j w[o, j] x[t, j], T <= MAX_TOKENS tokens: decode.
+                                       One warp per output row streams the row once for all T tokens,
+                                       in 16-byte loads (16 int8 or 8 16-bit weights), scaled per group
+                                       of 32, per row, or not at all (float16 / bfloat16 storage).
+    rms_norm                           one block per row: the mean square in float32, then x r w.
+    silu_mul                           silu(gate) * up, elementwise (SwiGLU's activation).
+    matmul_f16                         cuBLAS: float16 inputs, float32 accumulation, float16 output
+                                       (prefill; the caller scales inputs so nothing can overflow).
+"""
+
+import numpy as np
+
+MAX_TOKENS = 4  # tokens per GEMV launch; above this the backend dequantizes tiles into cuBLAS
+WARPS_PER_BLOCK = 8  # GEMV: one output row per warp, 8 rows per block of 256 threads
+NORM_THREADS = 256
+
+KINDS = {"int8": 0, "float16": 1, "bfloat16": 2}  # weight storage -> KIND in the CUDA source
+
+CUDA_SOURCE = r"""
+#define MAX_TOKENS 4
+enum { INT8 = 0, F16 = 1, BF16 = 2 };
+
+// float16 bits -> float through PTX (no cuda_fp16.h needed); bfloat16 is float32's top half.
+__device__ __forceinline__ float half_to_float(unsigned short h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ float bf16_to_float(unsigned short h) { return __uint_as_float(((unsigned int)h) << 16); }
+
+template <int KIND> __device__ __forceinline__ float weight_at(const void* w, long i) {
+    if (KIND == INT8) return (float)((const signed char*)w)[i];
+    unsigned short h = ((const unsigned short*)w)[i];
+    return KIND == F16 ? half_to_float(h) : bf16_to_float(h);
+}
+
+// 16 bytes of weights -> 16 (int8) or 8 (16-bit) floats
+template <int KIND> __device__ __forceinline__ void unpack16(uint4 v, float* f) {
+    const unsigned int words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        if (KIND == INT8) {
+#pragma unroll
+            for (int b = 0; b < 4; b++)  // byte b, sign-extended
+                f[4 * i + b] = (float)(((int)(words[i] << (24 - 8 * b))) >> 24);
+        } else if (KIND == F16) {
+            f[2 * i] = half_to_float(words[i] & 0xffff);
+            f[2 * i + 1] = half_to_float(words[i] >> 16);
+        } else {
+            f[2 * i] = bf16_to_float(words[i] & 0xffff);
+            f[2 * i + 1] = bf16_to_float(words[i] >> 16);
+        }
+    }
+}
+
+// w [O, I] (KIND), scales [O] (group == 0) or [O, G] (group > 0), x [T, I] float, y [T, O] float.
+template <int KIND>
+__device__ void gemv(const void* __restrict__ w, const float* __restrict__ scales, int group,
+                     const float* __restrict__ x, float* __restrict__ y, int T, int O, int I) {
+    const int BYTES = KIND == INT8 ? 1 : 2;
+    const int PER_LOAD = 16 / BYTES;  // weights per 16-byte load; divides a group of 32
+    const int lane = threadIdx.x & 31;
+    const long o = (long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (o >= O) return;
+    const int G = group > 0 ? (I + group - 1) / group : 1;
+    const char* row = (const char*)w + o * (long)I * BYTES;
+    float acc[MAX_TOKENS] = {0.f, 0.f, 0.f, 0.f};
+    if ((I * BYTES) % 16 == 0) {  // rows start 16-byte aligned: vector loads, one group per load
+        const uint4* vrow = (const uint4*)row;
+        for (int v = lane; v < I * BYTES / 16; v += 32) {
+            float f[16];
+            unpack16<KIND>(vrow[v], f);
+            const int j = v * PER_LOAD;
+            const float s = group > 0 ? scales[o * G + j / group] : 1.f;
+#pragma unroll
+            for (int t = 0; t < MAX_TOKENS; t++) {
+                if (t < T) {
+                    const float4* xv = (const float4*)(x + (long)t * I + j);
+                    float sum = 0.f;
+#pragma unroll
+                    for (int k = 0; k < PER_LOAD / 4; k++) {
+                        const float4 xx = xv[k];
+                        sum += f[4 * k] * xx.x + f[4 * k + 1] * xx.y + f[4 * k + 2] * xx.z + f[4 * k + 3] * xx.w;
+                    }
+                    acc[t] += sum * s;
+                }
+            }
+        }
+    } else {  // odd sizes: one weight at a time
+        for (int j = lane; j < I; j += 32) {
+            const float wj = weight_at<KIND>(row, j) * (group > 0 ? scales[o * G + j / group] : 1.f);
+            for (int t = 0; t < T; t++) acc[t] += wj * x[(long)t * I + j];
+        }
+    }
+    for (int t = 0; t < T; t++) {
+        float a = acc[t];
+#pragma unroll
+        for (int offset = 16; offset > 0; offset >>= 1) a += __shfl_down_sync(0xffffffffu, a, offset);
+        if (lane == 0) y[(long)t * O + o] = group > 0 ? a : a * scales[o];
+    }
+}
+
+extern "C" __global__ void gemv_int8(const void* w, const float* scales, int group, const float* x, float* y,
+                                     int T, int O, int I) { gemv<INT8>(w, scales, group, x, y, T, O, I); }
+extern "C" __global__ void gemv_f16(const void* w, const float* scales, int group, const float* x, float* y,
+                                    int T, int O, int I) { gemv<F16>(w, scales, group, x, y, T, O, I); }
+extern "C" __global__ void gemv_bf16(const void* w, const float* scales, int group, const float* x, float* y,
+                                     int T, int O, int I) { gemv<BF16>(w, scales, group, x, y, T, O, I); }
+
+// x [R, C] -> y [R, C]: y = x * (1 / sqrt(mean(x^2) + eps)) * w, statistics in float32. One block per row.
+extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w, float eps,
+                                    float* __restrict__ y, int C) {
+    __shared__ float partial[32];
+    const float* xr = x + (long)blockIdx.x * C;
+    float sum = 0.f;
+    for (int j = threadIdx.x; j < C; j += blockDim.x) sum += xr[j] * xr[j];
+    for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_down_sync(0xffffffffu, sum, offset);
+    if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = sum;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        sum = threadIdx.x < (blockDim.x >> 5) ? partial[threadIdx.x] : 0.f;
+        for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_down_sync(0xffffffffu, sum, offset);
+        if (threadIdx.x == 0) partial[0] = 1.f / sqrtf(sum / C + eps);
+    }
+    __syncthreads();
+    const float r = partial[0];
+    for (int j = threadIdx.x; j < C; j += blockDim.x) y[(long)blockIdx.x * C + j] = xr[j] * r * w[j];
+}
+
+// y = silu(g) * u = g / (1 + exp(-g)) * u, as refqwen/mlp.py computes it; n elements
+extern "C" __global__ void silu_mul(const float* __restrict__ g, const float* __restrict__ u, float* __restrict__ y,
+                                    long n) {
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        y[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+}
+"""
+
+KERNEL_NAMES = ("gemv_int8", "gemv_f16", "gemv_bf16", "rms_norm", "silu_mul")
+NVRTC_OPTIONS = ("-std=c++17",)
+
+
+def compile_ptx(arch: str = "compute_90") -> str:
+    """Compile CUDA_SOURCE to PTX with NVRTC, which needs no GPU.
+    Raises RuntimeError with NVRTC's log when the source does not compile."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    program = nvrtc.createProgram(CUDA_SOURCE, "refqwen_kernels.cu", [], [])
+    try:
+        nvrtc.compileProgram(program, [f"-arch={arch}", *NVRTC_OPTIONS])
+    except nvrtc.NVRTCError as e:
+        raise RuntimeError(f"NVRTC could not compile the kernels: {e}\n{nvrtc.getProgramLog(program)}") from e
+    return nvrtc.getPTX(program).decode()
+
+
+class DeviceKernels:
+    """The CUDA kernels, compiled by CuPy on first use (and cached on disk by CuPy)."""
+
+    def __init__(self):
+        import cupy
+
+        self.cupy = cupy
+        module = cupy.RawModule(code=CUDA_SOURCE, options=NVRTC_OPTIONS)
+        self.gemv_kernels = {kind: module.get_function(f"gemv_{suffix}")
+                             for kind, suffix in (("int8", "int8"), ("float16", "f16"), ("bfloat16", "bf16"))}
+        self.rms_norm_kernel = module.get_function("rms_norm")
+        self.silu_mul_kernel = module.get_function("silu_mul")
+        # float16 matrix products accumulate in float32 (cuBLAS's compute type), never in float16
+        from cupy._core import _routines_linalg as linalg
+
+        linalg.set_compute_type(np.dtype(np.float16), linalg.COMPUTE_TYPE_FP32)
+
+    def gemv(self, weight, x):
+        """weight: a DeviceWeight [O, I]; x [T, I] float32 (T <= MAX_TOKENS) -> [T, O] float32"""
+        cp = self.cupy
+        T, I = x.shape
+        O = weight.shape[0]
+        x = cp.ascontiguousarray(x, dtype=cp.float32)
+        y = cp.empty((T, O), cp.float32)
+        blocks = -(-O // WARPS_PER_BLOCK)
+        self.gemv_kernels[weight.storage]((blocks,), (32 * WARPS_PER_BLOCK,),
+                                          (weight.data, weight.kernel_scales, np.int32(weight.group or 0), x, y,
+                                           np.int32(T), np.int32(O), np.int32(I)))
+        return y
+
+    def rms_norm(self, x, w, eps):
+        cp = self.cupy
+        x = cp.ascontiguousarray(x, dtype=cp.float32)
+        y = cp.empty_like(x)
+        self.rms_norm_kernel((x.shape[0],), (NORM_THREADS,), (x, w, np.float32(eps), y, np.int32(x.shape[1])))
+        return y
+
+    def silu_mul(self, gate, up):
+        cp = self.cupy
+        gate, up = cp.ascontiguousarray(gate, dtype=cp.float32), cp.ascontiguousarray(up, dtype=cp.float32)
+        y = cp.empty_like(gate)
+        blocks = min(-(-gate.size // 256), 65536)  # a grid-stride loop covers the rest
+        self.silu_mul_kernel((max(blocks, 1),), (256,), (gate, up, y, np.int64(gate.size)))
+        return y
+
+    def matmul_f16(self, a, b):
+        """a [T, I] float16, b [O, I] float16 -> a bᵀ [T, O] float16, accumulated in float32."""
+        return a @ b.T
+
+
+class HostKernels:
+    """The twins: the same computations in NumPy, for host mode and as the GPU tests' expectation."""
+
+    def gemv(self, weight, x):
+        """weight: a DeviceWeight [O, I] holding NumPy arrays; x [T, I] float32 -> [T, O] float32"""
+        y = np.empty((x.shape[0], weight.shape[0]), np.float32)
+        for r0 in range(0, weight.shape[0], 4096):  # rows in chunks: the dequantized floats stay small
+            r1 = min(r0 + 4096, weight.shape[0])
+            y[:, r0:r1] = x @ weight.rows(r0, r1).T
+        return y
+
+    def rms_norm(self, x, w, eps):
+        from refqwen.norm import rms_norm
+
+        return rms_norm(x, w, eps)
+
+    def silu_mul(self, gate, up):
+        from refqwen.mlp import silu
+
+        return silu(gate) * up
+
+    def matmul_f16(self, a, b):
+        return (a.astype(np.float32) @ b.astype(np.float32).T).astype(np.float16)
+
+
+def device_unavailable_reason() -> str | None:
+    """None if CuPy can run kernels here, else why not."""
+    try:
+        import cupy
+    except ImportError:
+        return "cupy is not installed (pip install 'refqwen[gpu]')"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # CUDARuntimeError without a driver; the message says which
+        return f"no usable CUDA device ({type(e).__name__}: {e})"
+    return None if count > 0 else "no CUDA device"

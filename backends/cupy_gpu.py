@@ -1,0 +1,347 @@
+"""CuPy GPU backends: the model's operations on an NVIDIA GPU, with the weights kept there.
+
+    cupy                int8 weights in groups of 32 (refqwen/quant.py, like numba-int8)
+    cupy-int8-channel   int8 weights with one scale per output channel
+    cupy-f16            float16 weights
+    cupy-bf16           bfloat16 weights (held as uint16: CuPy has no bfloat16 type)
+
+What runs where:
+- decode (up to 4 tokens): GEMV kernels (backends/cuda_kernels.py) that stream each weight row
+  once and accumulate in float32; decoding is memory-bound, so int8 reads half of float16's bytes;
+- prefill: row tiles of the weight are dequantized to float16 and multiplied by cuBLAS on the
+  tensor cores, accumulating in float32. Activations enter as float16 only after each token's
+  vector is divided by a power of two at least its largest |value| (and each tile likewise), so
+  nothing can overflow float16's 65504: Qwen2's activations reach thousands, and float16 that
+  overflows turns outputs into "!!!!". The scales are multiplied back in float32;
+- the residual stream, RMSNorm (statistics and output), rotary, attention, softmax, the MoE router
+  and sampling are float32 on the device. The next token is chosen on the device
+  (refqwen/generate.py runs on CuPy arrays), so a decode step returns one id, not V logits.
+
+Host mode (`CupyBackend(host=True)`, for tests only): NumPy stands in for CuPy and each CUDA
+kernel's NumPy twin (cuda_kernels.HostKernels) stands in for it, so every line of array logic
+here runs, and is checked against the reference, on a machine without a GPU.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+from refqwen.backends import cuda_kernels
+from refqwen.backends.base import Backend
+
+from refqwen import quant
+from refqwen.arrays import array_module, to_host
+from refqwen.errors import RefqwenError, WeightsError
+from refqwen.quant import QUANTIZED, QuantizedWeight
+
+TILE_ROWS = 4096  # weight rows dequantized per cuBLAS call in prefill
+F16_MAX_INPUTS = 65504  # inputs scaled into [-1, 1] sum to at most I: float16 holds that for I <= 65504
+SCORE_BYTES = 256 * 2**20  # attention scores [KV, G, t, S] float32 per query chunk, at most
+KV_RESERVE_TOKENS = 4096  # check_fits keeps room for a KV cache of this many positions
+WORKSPACE_BYTES = 2 * 2**30  # and this much for activations, dequantized tiles and cuBLAS
+
+# storage -> (bytes per weight, bytes of scales per weight, element dtype on the device)
+STORAGE = {"int8-g32": (1, 4 / 32, np.int8), "int8-channel": (1, 0, np.int8),
+           "float16": (2, 0, np.float16), "bfloat16": (2, 0, np.uint16)}
+
+
+@dataclass
+class DeviceWeight:
+    """A projection weight [O, I] as the GPU holds it. data: int8, float16 or bfloat16 bits (uint16);
+    scales: [O] per channel, [O, G] per group of 32, None for 16-bit storage."""
+    data: object
+    scales: object
+    storage: str  # "int8", "float16" or "bfloat16": which GEMV kernel reads it
+    kernel_scales: object  # what the kernel reads: scales, or ones [O] for 16-bit storage
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def group(self) -> int | None:
+        return quant.GROUP if self.scales is not None and self.scales.ndim == 2 else None
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes + (0 if self.scales is None else self.scales.nbytes)
+
+    def rows(self, start: int = 0, stop: int | None = None):
+        """float32 rows [stop - start, I], dequantized where the data lives."""
+        data = self.data[start:stop]
+        if self.storage == "float16":
+            return data.astype(np.float32)
+        if self.storage == "bfloat16":
+            return bf16_to_f32(data)
+        return quant.dequantize(data, self.scales[start:stop])
+
+    def take(self, ids):
+        """float32 rows for the given row ids (the embedding lookup)."""
+        data = self.data[ids]
+        if self.storage == "float16":
+            return data.astype(np.float32)
+        if self.storage == "bfloat16":
+            return bf16_to_f32(data)
+        return quant.dequantize(data, self.scales[ids])
+
+
+def f32_to_bf16(w):
+    """float32 -> bfloat16 bits (uint16), rounding to nearest even, on NumPy or CuPy arrays."""
+    bits = w.astype(np.float32).view(np.uint32)
+    return ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+
+
+def bf16_to_f32(bits):
+    """bfloat16 bits (uint16) -> float32, exactly."""
+    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+class CupyBackend(Backend):
+    name = "cupy"
+    description = "int8 weights in groups of 32 on an NVIDIA GPU (CuPy); float16 tensor-core prefill"
+    storage = "int8-g32"
+    gpu = True
+
+    def __init__(self, host: bool = False, free_bytes: int | None = None):
+        """host=True: NumPy and the kernels' NumPy twins stand in for CuPy and the GPU (tests only);
+        free_bytes: the memory check_fits may use in host mode (default: unlimited)."""
+        self.host = host
+        if host:
+            self.xp, self.kernels, self.free_bytes = np, cuda_kernels.HostKernels(), free_bytes
+        else:
+            import cupy
+
+            self.xp, self.kernels, self.free_bytes = cupy, cuda_kernels.DeviceKernels(), None
+
+    @classmethod
+    def unavailable_reason(cls):
+        return cuda_kernels.device_unavailable_reason()
+
+    def __repr__(self):
+        return f"{type(self).__name__}({'host mode' if self.host else 'GPU'})"
+
+    # ---- load time ------------------------------------------------------------------------
+
+    def check_fits(self, config, source: str) -> None:
+        free = self._free_bytes()
+        need = bytes_needed(config, self.storage)
+        if free is None or need <= free:
+            return
+        fits = [f"{name} ({STORAGE_OF[name]}): {bytes_needed(config, STORAGE_OF[name]) / 2**30:.1f} GiB"
+                for name in STORAGE_OF if bytes_needed(config, STORAGE_OF[name]) <= free]
+        raise RefqwenError(
+            f"{source}: does not fit on the GPU with backend {self.name}: it needs {need / 2**30:.1f} GiB "
+            f"({parameter_count(config) / 1e9:.2f} B parameters as {self.storage}, a KV cache for "
+            f"{KV_RESERVE_TOKENS} positions and {WORKSPACE_BYTES / 2**30:.0f} GiB of workspace), and "
+            f"{free / 2**30:.1f} GiB is free. "
+            + (f"What would fit: {'; '.join(fits)}." if fits else "No cupy backend fits it on this GPU."))
+
+    def _free_bytes(self) -> int | None:
+        if self.host:
+            return self.free_bytes
+        return int(self.xp.cuda.runtime.memGetInfo()[0]) + int(self.xp.get_default_memory_pool().free_bytes())
+
+    def prepare_linear(self, name, weight) -> DeviceWeight:
+        xp = self.xp
+        if isinstance(weight, QUANTIZED):  # a pre-quantized checkpoint
+            if isinstance(weight, QuantizedWeight) and weight.scheme == self.storage:
+                return self._int8(xp.asarray(weight.q), xp.asarray(weight.scales))
+            if self.storage.startswith("int8"):
+                raise WeightsError(f"{name} is {weight.scheme}; backend {self.name} runs {self.storage} (use "
+                                   f"{'cupy-int8-channel' if self.storage == 'int8-g32' else 'cupy'} for "
+                                   f"{weight.scheme} if it is int8, or cupy-f16 / numba-int4 for int4)")
+            weight = weight.rows()  # an int8/int4 checkpoint on a 16-bit backend: dequantized first
+        w = xp.asarray(np.asarray(weight, np.float32))  # [O, I] float32, copied to the device
+        if self.storage == "float16":
+            return self._sixteen(w.astype(np.float16), "float16", name)
+        if self.storage == "bfloat16":
+            return self._sixteen(f32_to_bf16(w), "bfloat16", name)
+        return self._int8(*quant.quantize(w, "g32" if self.storage == "int8-g32" else "channel"))
+
+    def _int8(self, q, scales) -> DeviceWeight:  # scales [O, G] or [O]
+        return DeviceWeight(q, scales, "int8", scales)
+
+    def _sixteen(self, data, storage, name) -> DeviceWeight:
+        if storage == "float16" and not bool(self.xp.isfinite(data).all()):
+            raise WeightsError(f"{name}: a weight exceeds float16's range (65504); use cupy-bf16 or cupy")
+        return DeviceWeight(data, None, storage, self.xp.ones(len(data), np.float32))
+
+    def prepare_embedding(self, weight):
+        return self.prepare_linear("model.embed_tokens.weight", weight)
+
+    def prepare_float(self, name, tensor):
+        return self.xp.asarray(np.asarray(tensor, np.float32))
+
+    def new_cache(self, num_layers, num_kv_heads, head_dim):
+        return DeviceKVCache(self.xp, num_layers, num_kv_heads, head_dim)
+
+    def to_host(self, x):
+        return to_host(x)
+
+    # ---- run time -------------------------------------------------------------------------
+
+    def embed(self, ids, table: DeviceWeight):
+        return table.take(self.xp.asarray(ids))  # [T, C]
+
+    def linear(self, x, weight: DeviceWeight, bias=None):
+        """x [T, I] -> x Wᵀ + b [T, O] float32"""
+        x = self.xp.asarray(x, np.float32)
+        y = self.kernels.gemv(weight, x) if x.shape[0] <= cuda_kernels.MAX_TOKENS else self._gemm(x, weight)
+        return y if bias is None else y + bias
+
+    def _gemm(self, x, weight: DeviceWeight):
+        """Prefill: x [T, I] @ Wᵀ, tile by tile, as float16 products accumulated in float32."""
+        xp = self.xp
+        T, I = x.shape
+        O = weight.shape[0]
+        if I > F16_MAX_INPUTS:  # a sum of I products of |v| <= 1 could pass 65504: stay float32
+            return xp.concatenate([x @ weight.rows(r0, r0 + TILE_ROWS).T for r0 in range(0, O, TILE_ROWS)], axis=1)
+        x16, x_scale = scaled_f16(x)  # [T, I] float16 in [-1, 1], [T, 1] powers of two
+        y = xp.empty((T, O), np.float32)
+        for r0 in range(0, O, TILE_ROWS):
+            r1 = min(r0 + TILE_ROWS, O)
+            w16, w_scale = scaled_f16(weight.rows(r0, r1), per_row=False)  # [r, I] float16, a power of two
+            y[:, r0:r1] = self.kernels.matmul_f16(x16, w16).astype(np.float32) * (x_scale * w_scale)
+        return y
+
+    def rms_norm(self, x, weight, eps):
+        return self.kernels.rms_norm(x, weight, eps)
+
+    def apply_rotary(self, x, cos, sin):
+        from refqwen.rope import apply_rotary
+
+        return apply_rotary(x, self.xp.asarray(cos), self.xp.asarray(sin))  # NumPy calls run on the device
+
+    def attention(self, q, k, v, cache: "DeviceLayerCache", window):
+        """Append k, v [T, KV, D]; causal attention of q [T, H, D] over the cache -> [T, H, D].
+        Exact softmax over all visible keys, for as many queries at a time as SCORE_BYTES allows."""
+        xp = self.xp
+        start = cache.length
+        keys, values = cache.append(k, v)  # [KV, S, D] each
+        T, H, D = q.shape
+        KV, S = keys.shape[:2]
+        G = H // KV  # query heads per key/value head
+        q = q.reshape(T, KV, G, D).transpose(1, 2, 0, 3) * np.float32(D ** -0.5)  # [KV, G, T, D]
+        out = xp.empty((KV, G, T, D), np.float32)
+        chunk = max(1, SCORE_BYTES // (4 * H * S))  # queries per chunk
+        for t0 in range(0, T, chunk):
+            t1 = min(t0 + chunk, T)
+            first = 0 if window is None else max(0, start + t0 - window + 1)  # earliest key any query sees
+            last = start + t1  # keys first .. last-1 can be visible
+            q_pos = xp.arange(start + t0, start + t1)[:, None]  # [t, 1]
+            k_pos = xp.arange(first, last)[None, :]  # [1, s]
+            visible = k_pos <= q_pos
+            if window is not None:
+                visible &= q_pos - k_pos < window
+            scores = q[:, :, t0:t1] @ keys[:, None, first:last].swapaxes(-1, -2)  # [KV, G, t, s]
+            scores = xp.where(visible, scores, -np.inf)
+            p = xp.exp(scores - scores.max(axis=-1, keepdims=True))
+            out[:, :, t0:t1] = (p @ values[:, None, first:last]) / p.sum(axis=-1, keepdims=True)  # [KV, G, t, D]
+        return out.transpose(2, 0, 1, 3).reshape(T, H, D)
+
+    def swiglu(self, gate, up):
+        return self.kernels.silu_mul(gate, up)
+
+    def moe_dispatch(self, x, experts, chosen, weights):
+        """Tokens are grouped per expert on the host (chosen is [T, k] small integers), gathered on
+        the device, run through their expert, and scattered back weighted."""
+        xp = self.xp
+        chosen_host = to_host(chosen)  # [T, k]
+        out = xp.zeros_like(x)
+        for e in np.unique(chosen_host):
+            tokens, slot = np.nonzero(chosen_host == e)  # which tokens picked e, in which of their k slots
+            tokens, slot = xp.asarray(tokens), xp.asarray(slot)
+            out[tokens] += weights[tokens, slot, None] * experts[int(e)](x[tokens])
+        return out
+
+
+class CupyInt8ChannelBackend(CupyBackend):
+    name = "cupy-int8-channel"
+    description = "int8 weights with per-output-channel scales on an NVIDIA GPU (CuPy)"
+    storage = "int8-channel"
+
+
+class CupyF16Backend(CupyBackend):
+    name = "cupy-f16"
+    description = "float16 weights on an NVIDIA GPU (CuPy), float32 accumulation"
+    storage = "float16"
+
+
+class CupyBF16Backend(CupyBackend):
+    name = "cupy-bf16"
+    description = "bfloat16 weights on an NVIDIA GPU (CuPy), float32 accumulation"
+    storage = "bfloat16"
+
+
+STORAGE_OF = {cls.name: cls.storage for cls in (CupyBackend, CupyInt8ChannelBackend, CupyF16Backend, CupyBF16Backend)}
+
+
+def scaled_f16(a, per_row: bool = True):
+    """a [R, I] float32 -> (a / s as float16, s): s a power of two >= max |a| per row ([R, 1]) or
+    for the whole array (a scalar), so |a / s| <= 1 and the division itself is exact."""
+    xp = array_module(a)
+    peak = xp.abs(a).max(axis=1, keepdims=True) if per_row else xp.abs(a).max()
+    s = xp.exp2(xp.ceil(xp.log2(xp.maximum(peak, np.float32(2.0 ** -100))))).astype(np.float32)
+    return (a / s).astype(np.float16), s
+
+
+class DeviceLayerCache:
+    """One layer's keys and values on the device, [KV, capacity, D] each (heads first, so each head's
+    keys are one contiguous matrix for the products), grown by doubling."""
+
+    def __init__(self, xp, num_kv_heads: int, head_dim: int):
+        self.xp = xp
+        self.k = xp.empty((num_kv_heads, 0, head_dim), np.float32)
+        self.v = xp.empty((num_kv_heads, 0, head_dim), np.float32)
+        self.length = 0
+
+    def append(self, k, v):
+        """Add k, v [T, KV, D]; return all keys and values so far, [KV, S + T, D] each (views)."""
+        end = self.length + k.shape[0]
+        if end > self.k.shape[1]:
+            capacity = max(end, 2 * self.k.shape[1], 256)
+            self.k, self.v = (self._grow(buffer, capacity) for buffer in (self.k, self.v))
+        self.k[:, self.length:end] = self.xp.asarray(k).transpose(1, 0, 2)
+        self.v[:, self.length:end] = self.xp.asarray(v).transpose(1, 0, 2)
+        self.length = end
+        return self.k[:, :end], self.v[:, :end]
+
+    def _grow(self, buffer, capacity):
+        bigger = self.xp.empty((buffer.shape[0], capacity, buffer.shape[2]), np.float32)
+        bigger[:, :self.length] = buffer[:, :self.length]
+        return bigger
+
+    @property
+    def keys(self):
+        """Keys [capacity, KV, D] in the reference cache's layout (the attention-pattern trace reads it)."""
+        return self.k.transpose(1, 0, 2)
+
+
+class DeviceKVCache:
+    def __init__(self, xp, num_layers: int, num_kv_heads: int, head_dim: int):
+        self.layers = [DeviceLayerCache(xp, num_kv_heads, head_dim) for _ in range(num_layers)]
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+
+def parameter_count(config) -> int:
+    from refqwen.weights import expected_shapes
+
+    return sum(int(np.prod(shape)) for shape in expected_shapes(config).values())
+
+
+def bytes_needed(config, storage: str) -> int:
+    """Device bytes to hold a model of this config with this weight storage, plus check_fits' reserve."""
+    from refqwen.weights import expected_shapes
+
+    per_weight, per_scale, _ = STORAGE[storage]
+    total = 0
+    for name, shape in expected_shapes(config).items():
+        n = int(np.prod(shape))
+        if len(shape) == 2 and not name.endswith(("mlp.gate.weight", "shared_expert_gate.weight")):
+            total += n * (per_weight + per_scale) + (4 * shape[0] if storage == "int8-channel" else 0)
+        else:  # norms, biases, router and shared-expert gate stay float32
+            total += 4 * n
+    kv = 2 * config.num_hidden_layers * KV_RESERVE_TOKENS * config.num_key_value_heads * config.head_dim * 4
+    return total + kv + WORKSPACE_BYTES
