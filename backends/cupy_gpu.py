@@ -272,7 +272,8 @@ class CupyBF16Backend(CupyBackend):
     storage = "bfloat16"
 
 
-STORAGE_OF = {cls.name: cls.storage for cls in (CupyBackend, CupyInt8ChannelBackend, CupyF16Backend, CupyBF16Backend)}
+VARIANTS = {cls.name: cls for cls in (CupyBackend, CupyInt8ChannelBackend, CupyF16Backend, CupyBF16Backend)}
+STORAGE_OF = {name: cls.storage for name, cls in VARIANTS.items()}
 
 
 def scaled_f16(a, per_row: bool = True):

@@ -14,14 +14,34 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from refqwen.backends import cuda_kernels, cupy_gpu
 from refqwen.backends.base import Backend
 
 from refqwen import backends, quant
-from refqwen.cache import LayerCache
 
-NAMES = [name for name, why in backends.available().items() if why is None]
+HOST_MODE = " (host mode)"  # a cupy backend with NumPy and the kernels' NumPy twins standing in for the GPU
+NAMES = ([name for name, why in backends.available().items() if why is None]
+         + [name + HOST_MODE for name in cupy_gpu.VARIANTS])
 REFERENCE = Backend()
 EPS32 = 2.0 ** -23
+F16_ROUND, BF16_ROUND = 2.0 ** -11, 2.0 ** -8  # unit roundoff: 10 and 7 fraction bits
+F16_HALF_SUBNORMAL = 2.0 ** -25  # float16 below 2^-14 has a fixed spacing of 2^-24
+
+
+def make(name):
+    """A backend by name; "<cupy name> (host mode)" runs the cupy backend's array logic on NumPy."""
+    if name.endswith(HOST_MODE):
+        return cupy_gpu.VARIANTS[name.removesuffix(HOST_MODE)](host=True)
+    return backends.get(name)
+
+
+def on(ops, a):
+    """An input array where the backend keeps its arrays (the GPU for a cupy backend)."""
+    return getattr(ops, "xp", np).asarray(a)
+
+
+def off(ops, a):
+    return np.asarray(ops.to_host(a))
 # Beyond half a step, a dequantized weight carries float32 rounding: of w / scale, of q · scale
 # (|q| <= 127: up to 64 ulps of a step), and for int4 the scale rounded down (quant.int4_scales).
 HALF_STEP = 0.5 + 128 * EPS32
@@ -60,18 +80,35 @@ dims = dict(T=st.sampled_from([1, 2, 3, 5, 9, 33]), O=st.integers(1, 70), I=st.i
 @given(**dims, bias=st.booleans())
 def test_linear_within_quantization_bound(name, T, O, I, x_mag, w_mag, special, seed, bias):
     rng = np.random.default_rng(seed)
-    ops = backends.get(name)
+    ops = make(name)
     I = aligned(ops, I)
     w, x = draw_matrix(rng, (O, I), w_mag, special), draw_matrix(rng, (T, I), x_mag, special)
     b = (rng.standard_normal(O) * w_mag).astype(np.float32) if bias else None
-    got = ops.linear(x, ops.prepare_linear("w", w), b)
+    prepared = ops.prepare_linear("w", w)
+    got = off(ops, ops.linear(on(ops, x), prepared, None if b is None else ops.prepare_float("b", b)))
     exact = x.astype(np.float64) @ w.T.astype(np.float64) + (0 if b is None else b)
     assert got.shape == (T, O) and got.dtype == np.float32
-    assert np.all(np.abs(got - exact) <= linear_bound(ops, ops.prepare_linear("w", w), w, x, b))
+    assert np.all(np.abs(got - exact) <= linear_bound(ops, prepared, w, x, b))
+
+
+def storage_error(ops, prepared, w):
+    """Per-weight bound [O, I] on |stored weight - w|: half a quantization step, or 16-bit rounding."""
+    aw = np.abs(w).astype(np.float64)
+    storage = getattr(ops, "storage", None)
+    if storage == "float16":
+        return F16_ROUND * aw + F16_HALF_SUBNORMAL
+    if storage == "bfloat16":
+        return BF16_ROUND * aw
+    if not hasattr(prepared, "scales"):
+        return np.zeros_like(aw)
+    scales = off(ops, prepared.scales)
+    return HALF_STEP * steps(scales, *w.shape, getattr(prepared, "group", None) or 32)
 
 
 def linear_bound(ops, prepared, w, x, b):
     """The documented bound on |error| per output [T, O]."""
+    if getattr(ops, "gpu", False):
+        return gpu_linear_bound(ops, prepared, w, x, b)
     I = w.shape[1]
     ax, aw = np.abs(x).astype(np.float64), np.abs(w).astype(np.float64)
     group = getattr(prepared, "group", None) or 32
@@ -84,6 +121,30 @@ def linear_bound(ops, prepared, w, x, b):
     magnitude = (ax + 0.5 * (x_step if getattr(ops, "quantize_activations", False) else 0)) @ (aw + step).T
     bound += (I + 4) * EPS32 * (magnitude + (0 if b is None else np.abs(b)))  # float32 rounding
     return bound + 1e-30
+
+
+def gpu_linear_bound(ops, prepared, w, x, b):
+    """cupy backends. Decode (T <= 4): the stored weight's error plus float32 sums. Prefill: each
+    token's x and each weight tile are divided by a power of two s >= their max |value| and rounded
+    to float16 (2^-11 relative, plus half a subnormal step: 2^-25 s <= 2^-24 max), the products are
+    summed in float32, the sum is rounded to float16 and scaled back in float32."""
+    I = w.shape[1]
+    ax, aw = np.abs(x).astype(np.float64), np.abs(w).astype(np.float64)
+    dw = storage_error(ops, prepared, w)  # [O, I]
+    b_mag = 0 if b is None else np.abs(b)
+    if x.shape[0] <= cuda_kernels.MAX_TOKENS:
+        return ax @ dw.T + (I + 4) * EPS32 * (ax @ (aw + dw).T + b_mag) + 1e-30
+    x_max = ax.max(axis=1, keepdims=True)  # [T, 1]
+    w_max = (aw + dw).max()
+    dw = dw + F16_ROUND * (aw + dw) + 2.0 ** -24 * w_max  # the stored weight, then its float16 tile
+    dx = F16_ROUND * ax + 2.0 ** -24 * x_max
+    err = dx @ (aw + dw).T + ax @ dw.T  # rounding of inputs
+    magnitude = (ax + dx) @ (aw + dw).T
+    err += (I + 4) * EPS32 * magnitude  # float32 sums
+    exact = np.abs(x.astype(np.float64) @ w.T.astype(np.float64))
+    err += F16_ROUND * (exact + err) + 2.0 ** -23 * x_max * w_max  # the float16 result
+    err += 4 * EPS32 * (exact + err + b_mag)  # scaling back, adding the bias
+    return err + 1e-30
 
 
 @settings(max_examples=200, deadline=None)
@@ -135,9 +196,9 @@ def test_int4_checkpoint_weights_run_on_every_backend(scheme, T, O, G, bias, spe
     weight = quant.quantize_scheme(w, scheme)
     exact = x.astype(np.float64) @ w.T.astype(np.float64) + (0 if b is None else b)
     for name in NAMES:
-        ops = backends.get(name)
-        if scheme not in getattr(ops, "runs_schemes", quant.SCHEMES):
-            continue
+        ops = make(name)
+        if scheme not in getattr(ops, "runs_schemes", quant.SCHEMES) or getattr(ops, "gpu", False):
+            continue  # the cupy backends' handling of checkpoints: tests/test_cupy_host.py
         got = ops.linear(x, ops.prepare_linear("w", weight), b)
         assert got.shape == (T, O) and got.dtype == np.float32
         assert np.all(np.abs(got - exact) <= linear_bound(ops, weight, w, x, b)), name
@@ -154,15 +215,13 @@ def test_int4_refuses_misaligned_inputs():
 @given(V=st.integers(1, 300), C=st.integers(1, 100), T=st.integers(1, 20), seed=st.integers(0, 2**31))
 def test_embedding_rows(name, V, C, T, seed):
     rng = np.random.default_rng(seed)
-    ops = backends.get(name)
+    ops = make(name)
     C = aligned(ops, C)
     table = (rng.standard_normal((V, C)) * 0.1).astype(np.float32)
     ids = rng.integers(0, V, T)
     prepared = ops.prepare_embedding(table)
-    got = ops.embed(ids, prepared)
-    group = getattr(prepared, "group", None) or 32
-    step = steps(prepared.scales[ids], T, C, group) if hasattr(prepared, "scales") else 0
-    assert got.shape == (T, C) and np.all(np.abs(got - table[ids]) <= step * HALF_STEP)
+    got = off(ops, ops.embed(ids, prepared))
+    assert got.shape == (T, C) and np.all(np.abs(got - table[ids]) <= storage_error(ops, prepared, table)[ids])
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -172,18 +231,25 @@ def test_embedding_rows(name, V, C, T, seed):
        seed=st.integers(0, 2**31))
 def test_attention_over_cache(name, T, past, KV, ratio, D, window, mag, seed):
     rng = np.random.default_rng(seed)
-    ops = backends.get(name)
+    ops = make(name)
     H = KV * ratio
     q = (rng.standard_normal((T, H, D)) * mag).astype(np.float32)
     k, v = ((rng.standard_normal((past + T, KV, D)) * mag).astype(np.float32) for _ in range(2))
     results = []
     for backend in (ops, REFERENCE):
-        cache = LayerCache(KV, D)
+        cache = backend.new_cache(1, KV, D).layers[0]
         if past:
-            cache.append(k[:past], v[:past])
-        results.append(backend.attention(q, k[past:], v[past:], cache, window))
-    # float32 softmax and sums in another order: a few ulps of the largest |v|
-    np.testing.assert_allclose(results[0], results[1], rtol=0, atol=64 * EPS32 * np.abs(v).max())
+            cache.append(on(backend, k[:past]), on(backend, v[:past]))
+        z = backend.attention(on(backend, q), on(backend, k[past:]), on(backend, v[past:]), cache, window)
+        results.append(off(backend, z))
+    # Each side rounds a score q.k/sqrt(D) by at most (D + 2) eps sum_d |q_d k_d| / sqrt(D) (a float32 dot
+    # product, then the scale); softmax weights move by at most twice the score error (relative), so the
+    # output by 2 * 2 * score_error * max|v|; the float32 softmax and weighted sums add a few ulps of max|v|.
+    # (An implementation that only reorders sums, like the Numba backends', matches exactly.)
+    qk = np.einsum("thd,shd->hts", np.abs(q), np.abs(np.repeat(k, ratio, axis=1)))  # [H, T, S]
+    score_error = (D + 2) * EPS32 * qk.max() / np.sqrt(D)
+    atol = (64 * EPS32 + 4 * score_error) * np.abs(v).max()
+    np.testing.assert_allclose(results[0], results[1], rtol=0, atol=atol)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -192,17 +258,19 @@ def test_attention_over_cache(name, T, past, KV, ratio, D, window, mag, seed):
        special=st.sampled_from(["none", "zeros", "constant-rows"]), seed=st.integers(0, 2**31))
 def test_elementwise_ops(name, T, C, mag, special, seed):
     rng = np.random.default_rng(seed)
-    ops = backends.get(name)
+    ops = make(name)
     x = draw_matrix(rng, (T, C), mag, special)
     w = (1 + 0.2 * rng.standard_normal(C)).astype(np.float32)
     tol = 8 * EPS32
-    np.testing.assert_allclose(ops.rms_norm(x, w, 1e-6), REFERENCE.rms_norm(x, w, 1e-6), rtol=tol, atol=tol)
-    np.testing.assert_allclose(ops.swiglu(x, w * x), REFERENCE.swiglu(x, w * x), rtol=tol, atol=1e-30)
+    norm = off(ops, ops.rms_norm(on(ops, x), ops.prepare_float("w", w), 1e-6))
+    np.testing.assert_allclose(norm, REFERENCE.rms_norm(x, w, 1e-6), rtol=tol, atol=tol)
+    swiglu = off(ops, ops.swiglu(on(ops, x), on(ops, w * x)))
+    np.testing.assert_allclose(swiglu, REFERENCE.swiglu(x, w * x), rtol=tol, atol=1e-30)
     if C % 2 == 0:
         cos, sin = np.cos(x[:, :]), np.sin(x[:, :])
         heads = x[:, None, :].repeat(3, axis=1)
-        np.testing.assert_allclose(ops.apply_rotary(heads, cos, sin), REFERENCE.apply_rotary(heads, cos, sin),
-                                   rtol=tol, atol=tol * mag)
+        np.testing.assert_allclose(off(ops, ops.apply_rotary(on(ops, heads), cos, sin)),
+                                   REFERENCE.apply_rotary(heads, cos, sin), rtol=tol, atol=tol * mag)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -210,7 +278,7 @@ def test_elementwise_ops(name, T, C, mag, special, seed):
 @given(T=st.integers(1, 30), E=st.integers(1, 8), k=st.integers(1, 8), seed=st.integers(0, 2**31))
 def test_moe_dispatch_runs_each_chosen_expert_once(name, T, E, k, seed):
     rng = np.random.default_rng(seed)
-    ops = backends.get(name)
+    ops = make(name)
     k = min(k, E)
     x = rng.standard_normal((T, 16)).astype(np.float32)
     chosen = np.stack([rng.permutation(E)[:k] for _ in range(T)])  # [T, k], distinct per token
@@ -223,7 +291,7 @@ def test_moe_dispatch_runs_each_chosen_expert_once(name, T, E, k, seed):
             return rows * (e + 1)
         return run
 
-    got = ops.moe_dispatch(x, [expert(e) for e in range(E)], chosen, weights)
+    got = off(ops, ops.moe_dispatch(on(ops, x), [expert(e) for e in range(E)], on(ops, chosen), on(ops, weights)))
     expected = sum(weights[:, j, None] * x * (chosen[:, j, None] + 1) for j in range(k))
     np.testing.assert_allclose(got, expected, rtol=8 * EPS32, atol=8 * EPS32 * np.abs(expected).max())
     assert sorted(e for e, _ in calls) == sorted(set(chosen.ravel()))  # only chosen experts, once each
