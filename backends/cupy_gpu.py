@@ -150,7 +150,7 @@ class CupyBackend(Backend):
                                    f"{'cupy-int8-channel' if self.storage == 'int8-g32' else 'cupy'} for "
                                    f"{weight.scheme} if it is int8, or cupy-f16 / numba-int4 for int4)")
             weight = weight.rows()  # an int8/int4 checkpoint on a 16-bit backend: dequantized first
-        w = xp.asarray(np.asarray(weight, np.float32))  # [O, I] float32, copied to the device
+        w = xp.asarray(weight, np.float32)  # [O, I] float32, copied to the device unless it is there already
         if self.storage == "float16":
             return self._sixteen(w.astype(np.float16), "float16", name)
         if self.storage == "bfloat16":
@@ -169,7 +169,7 @@ class CupyBackend(Backend):
         return self.prepare_linear("model.embed_tokens.weight", weight)
 
     def prepare_float(self, name, tensor):
-        return self.xp.asarray(np.asarray(tensor, np.float32))
+        return self.xp.asarray(tensor, np.float32)
 
     def new_cache(self, num_layers, num_kv_heads, head_dim):
         return DeviceKVCache(self.xp, num_layers, num_kv_heads, head_dim)

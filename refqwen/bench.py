@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -60,11 +61,12 @@ def _refqwen_runner(model_path, backend):
 
     def run(ids):
         cache = model.new_cache()
-        logits = model.forward(ids, cache, last_only=True)
+        logits = model.logits(ids, cache, last_only=True)  # where the backend keeps them (a GPU's memory)
+        float(logits[-1, 0])  # wait for the result: a GPU backend returns before it is computed
 
         def step():
             nonlocal logits
-            logits = model.forward([int(np.argmax(logits[-1]))], cache, last_only=True)
+            logits = model.logits([int(np.argmax(logits[-1]))], cache, last_only=True)  # argmax where logits are
 
         return step
 
@@ -103,6 +105,30 @@ def _transformers_runner(model_path):
         return step
 
     return run
+
+
+class RandomWeights(Mapping):
+    """Weights of every shape a config needs, drawn when read (std 0.02; norm weights 1) by `xp`'s
+    generator: with CuPy they are drawn on the GPU, so a 7B-shaped model is built there with no host copy.
+    For speed and memory measurements only: the model's outputs mean nothing."""
+
+    def __init__(self, config, xp=np, seed: int = 0):
+        from refqwen.weights import expected_shapes
+
+        self.shapes, self.xp, self.seed = expected_shapes(config), xp, seed
+
+    def __getitem__(self, name):
+        shape = self.shapes[name]
+        if name.endswith("norm.weight"):
+            return self.xp.ones(shape, np.float32)
+        rng = self.xp.random.default_rng(self.seed + list(self.shapes).index(name))
+        return rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self):
+        return len(self.shapes)
 
 
 def attention_peak_mib(lengths=(512, 1024, 2048, 4096), heads=14, kv_heads=2, head_dim=64) -> dict:
