@@ -152,7 +152,8 @@ class CupyBackend(Backend):
             weight = weight.rows()  # an int8/int4 checkpoint on a 16-bit backend: dequantized first
         w = xp.asarray(weight, np.float32)  # [O, I] float32, copied to the device unless it is there already
         if self.storage == "float16":
-            return self._sixteen(w.astype(np.float16), "float16", name)
+            with np.errstate(over="ignore"):  # an overflow is reported by _sixteen, with the tensor's name
+                return self._sixteen(w.astype(np.float16), "float16", name)
         if self.storage == "bfloat16":
             return self._sixteen(f32_to_bf16(w), "bfloat16", name)
         return self._int8(*quant.quantize(w, "g32" if self.storage == "int8-g32" else "channel"))
