@@ -3,12 +3,16 @@
 import textwrap
 
 import pytest
+from refqwen.backends import cupy_gpu
 
 import refqwen
 from refqwen import backends
 from refqwen.evaluate import agreement
+from refqwen.loading import open_checkpoint
 
-NAMES = [name for name, why in backends.available().items() if why is None and name != "numpy"]
+HOST_MODE = " (host mode)"  # the cupy backends' array logic and kernel twins on NumPy: tests/test_backends.py
+NAMES = ([name for name, why in backends.available().items() if why is None and name != "numpy"]
+         + [name + HOST_MODE for name in ("cupy", "cupy-f16")])
 
 # Bounds that a working int8 backend clears with room to spare (measured on 510 tokens of
 # textwrap.py: top-1 agreement 98.4-99.0%, mean KL 0.0002-0.0013 nats, perplexity within
@@ -26,7 +30,11 @@ INT8_BOUNDS = dict(min_top1=MIN_TOP1, max_mean_kl=MAX_MEAN_KL, max_ppl_rel_diff=
 
 @pytest.mark.parametrize("name", NAMES)
 def test_backend_agrees_with_reference_on_real_weights(name, demo):
-    model = refqwen.load("demo", backend=name, progress=False)
+    if name.endswith(HOST_MODE):
+        ops = cupy_gpu.VARIANTS[name.removesuffix(HOST_MODE)](host=True)
+        model = refqwen.Model(demo.config, open_checkpoint("demo", progress=False)[2], demo.tokenizer, "demo", ops)
+    else:
+        model = refqwen.load("demo", backend=name, progress=False)
     ids = demo.tokenizer.encode(open(textwrap.__file__, encoding="utf-8").read())[:256]
     result = agreement(demo, model, ids, window=256, progress=False)
     bounds = INT4_BOUNDS if getattr(model.ops, "layout", "").startswith("int4") else INT8_BOUNDS
