@@ -12,6 +12,9 @@ GPU, so CI proves that every kernel at least compiles.
                                        in 16-byte loads (16 int8 or 8 16-bit weights), scaled per group
                                        of 32, per row, or not at all (float16 / bfloat16 storage).
     rms_norm                           one block per row: the mean square in float32, then x r w.
+    rotary                             the half-split rotation of every head, rounded as NumPy rounds it.
+    decode_attention                   one new token over the KV cache: a block per query head, its warps
+                                       splitting the keys with an online softmax, then merged.
     silu_mul                           silu(gate) * up, elementwise (SwiGLU's activation).
     matmul_f16                         cuBLAS: float16 inputs, float32 accumulation, float16 output
                                        (prefill; the caller scales inputs so nothing can overflow).
@@ -27,6 +30,7 @@ KINDS = {"int8": 0, "float16": 1, "bfloat16": 2}  # weight storage -> KIND in th
 
 CUDA_SOURCE = r"""
 #define MAX_TOKENS 4
+#define INFINITY __int_as_float(0x7f800000)
 enum { INT8 = 0, F16 = 1, BF16 = 2 };
 
 // float16 bits -> float through PTX (no cuda_fp16.h needed); bfloat16 is float32's top half.
@@ -62,10 +66,12 @@ template <int KIND> __device__ __forceinline__ void unpack16(uint4 v, float* f) 
     }
 }
 
-// w [O, I] (KIND), scales [O] (group == 0) or [O, G] (group > 0), x [T, I] float, y [T, O] float.
+// w [O, I] (KIND), scales [O] (group == 0) or [O, G] (group > 0), x [T, I] float, bias [O] (if has_bias),
+// y [T, O] float.
 template <int KIND>
 __device__ void gemv(const void* __restrict__ w, const float* __restrict__ scales, int group,
-                     const float* __restrict__ x, float* __restrict__ y, int T, int O, int I) {
+                     const float* __restrict__ x, const float* __restrict__ bias, int has_bias,
+                     float* __restrict__ y, int T, int O, int I) {
     const int BYTES = KIND == INT8 ? 1 : 2;
     const int PER_LOAD = 16 / BYTES;  // weights per 16-byte load; divides a group of 32
     const int lane = threadIdx.x & 31;
@@ -105,16 +111,15 @@ __device__ void gemv(const void* __restrict__ w, const float* __restrict__ scale
         float a = acc[t];
 #pragma unroll
         for (int offset = 16; offset > 0; offset >>= 1) a += __shfl_down_sync(0xffffffffu, a, offset);
-        if (lane == 0) y[(long)t * O + o] = group > 0 ? a : a * scales[o];
+        if (lane == 0) y[(long)t * O + o] = (group > 0 ? a : a * scales[o]) + (has_bias ? bias[o] : 0.f);
     }
 }
 
-extern "C" __global__ void gemv_int8(const void* w, const float* scales, int group, const float* x, float* y,
-                                     int T, int O, int I) { gemv<INT8>(w, scales, group, x, y, T, O, I); }
-extern "C" __global__ void gemv_f16(const void* w, const float* scales, int group, const float* x, float* y,
-                                    int T, int O, int I) { gemv<F16>(w, scales, group, x, y, T, O, I); }
-extern "C" __global__ void gemv_bf16(const void* w, const float* scales, int group, const float* x, float* y,
-                                     int T, int O, int I) { gemv<BF16>(w, scales, group, x, y, T, O, I); }
+#define GEMV_ARGS const void* w, const float* scales, int group, const float* x, const float* bias, int has_bias, \
+                  float* y, int T, int O, int I
+extern "C" __global__ void gemv_int8(GEMV_ARGS) { gemv<INT8>(w, scales, group, x, bias, has_bias, y, T, O, I); }
+extern "C" __global__ void gemv_f16(GEMV_ARGS) { gemv<F16>(w, scales, group, x, bias, has_bias, y, T, O, I); }
+extern "C" __global__ void gemv_bf16(GEMV_ARGS) { gemv<BF16>(w, scales, group, x, bias, has_bias, y, T, O, I); }
 
 // x [R, C] -> y [R, C]: y = x * (1 / sqrt(mean(x^2) + eps)) * w, statistics in float32. One block per row.
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w, float eps,
@@ -136,6 +141,69 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
     for (int j = threadIdx.x; j < C; j += blockDim.x) y[(long)blockIdx.x * C + j] = xr[j] * r * w[j];
 }
 
+// x [T, heads, D] -> y: x * cos + rotate_half(x) * sin, cos/sin [T, D]; rotate_half pairs channel d with
+// d + D/2 (the half-split layout). Rounded as refqwen/rope.py's NumPy does: no fused multiply-add.
+extern "C" __global__ void rotary(const float* __restrict__ x, const float* __restrict__ cos,
+                                  const float* __restrict__ sin, float* __restrict__ y, int T, int heads, int D) {
+    const long n = (long)T * heads * D;
+    const int half = D / 2;
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        const int d = i % D;
+        const long t = i / ((long)heads * D);
+        const float rotated = d < half ? -x[i + half] : x[i - half];
+        y[i] = __fadd_rn(__fmul_rn(x[i], cos[t * D + d]), __fmul_rn(rotated, sin[t * D + d]));
+    }
+}
+
+// One new token's attention over the cache (decode). q [H, D] at position S - 1; keys, values [KV, cap, D],
+// the first S positions valid; keys first .. S-1 visible (first > 0 with a sliding window); out [H, D].
+// One block per query head; its warps split the keys, each keeping an online softmax (running max m,
+// sum l, weighted values acc) with D/32 channels per lane; then warp 0 merges the warps' partial results.
+#define MAX_WARPS 8
+#define MAX_D 256
+extern "C" __global__ void decode_attention(const float* __restrict__ q, const float* __restrict__ keys,
+                                            const float* __restrict__ values, float* __restrict__ out,
+                                            int H, int KV, int D, int cap, int first, int S, float scale) {
+    __shared__ float warp_m[MAX_WARPS], warp_l[MAX_WARPS], warp_acc[MAX_WARPS * MAX_D];
+    const int h = blockIdx.x, kv = h / (H / KV);  // query head h reads key/value head h / G
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    const int per_lane = D / 32;  // D is a multiple of 32, at most MAX_D
+    const float* k = keys + (long)kv * cap * D;
+    const float* v = values + (long)kv * cap * D;
+    float qs[MAX_D / 32], acc[MAX_D / 32];
+    for (int i = 0; i < per_lane; i++) {
+        qs[i] = q[(long)h * D + lane + 32 * i] * scale;
+        acc[i] = 0.f;
+    }
+    float m = -INFINITY, l = 0.f;
+    for (int j = first + warp; j < S; j += warps) {
+        float dot = 0.f;
+        for (int i = 0; i < per_lane; i++) dot += qs[i] * k[(long)j * D + lane + 32 * i];
+        for (int offset = 16; offset > 0; offset >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+        const float m_new = fmaxf(m, dot);
+        const float shrink = expf(m - m_new), p = expf(dot - m_new);  // m = -inf at first: shrink = 0
+        l = l * shrink + p;
+        for (int i = 0; i < per_lane; i++) acc[i] = acc[i] * shrink + p * v[(long)j * D + lane + 32 * i];
+        m = m_new;
+    }
+    if (lane == 0) {
+        warp_m[warp] = m;
+        warp_l[warp] = l;
+    }
+    for (int i = 0; i < per_lane; i++) warp_acc[warp * D + lane + 32 * i] = acc[i];
+    __syncthreads();
+    if (warp != 0) return;
+    float m_all = -INFINITY;
+    for (int w = 0; w < warps; w++) m_all = fmaxf(m_all, warp_m[w]);
+    float l_all = 0.f, o[MAX_D / 32] = {0.f};
+    for (int w = 0; w < warps; w++) {
+        const float c = warp_m[w] == -INFINITY ? 0.f : expf(warp_m[w] - m_all);  // a warp that saw no key adds 0
+        l_all += warp_l[w] * c;
+        for (int i = 0; i < per_lane; i++) o[i] += warp_acc[w * D + lane + 32 * i] * c;
+    }
+    for (int i = 0; i < per_lane; i++) out[(long)h * D + lane + 32 * i] = o[i] / l_all;
+}
+
 // y = silu(g) * u = g / (1 + exp(-g)) * u, as refqwen/mlp.py computes it; n elements
 extern "C" __global__ void silu_mul(const float* __restrict__ g, const float* __restrict__ u, float* __restrict__ y,
                                     long n) {
@@ -144,7 +212,9 @@ extern "C" __global__ void silu_mul(const float* __restrict__ g, const float* __
 }
 """
 
-KERNEL_NAMES = ("gemv_int8", "gemv_f16", "gemv_bf16", "rms_norm", "silu_mul")
+KERNEL_NAMES = ("gemv_int8", "gemv_f16", "gemv_bf16", "rms_norm", "rotary", "decode_attention", "silu_mul")
+ATTENTION_WARPS = 8  # decode_attention: warps per query head (MAX_WARPS in the source)
+ATTENTION_MAX_D = 256
 NVRTC_OPTIONS = ("-std=c++17",)
 
 
@@ -173,13 +243,15 @@ class DeviceKernels:
                              for kind, suffix in (("int8", "int8"), ("float16", "f16"), ("bfloat16", "bf16"))}
         self.rms_norm_kernel = module.get_function("rms_norm")
         self.silu_mul_kernel = module.get_function("silu_mul")
+        self.rotary_kernel = module.get_function("rotary")
+        self.decode_attention_kernel = module.get_function("decode_attention")
         # float16 matrix products accumulate in float32 (cuBLAS's compute type), never in float16
         from cupy._core import _routines_linalg as linalg
 
         linalg.set_compute_type(np.dtype(np.float16), linalg.COMPUTE_TYPE_FP32)
 
-    def gemv(self, weight, x):
-        """weight: a DeviceWeight [O, I]; x [T, I] float32 (T <= MAX_TOKENS) -> [T, O] float32"""
+    def gemv(self, weight, x, bias=None):
+        """weight: a DeviceWeight [O, I]; x [T, I] float32 (T <= MAX_TOKENS); bias [O] -> x Wᵀ + b [T, O]"""
         cp = self.cupy
         T, I = x.shape
         O = weight.shape[0]
@@ -187,9 +259,33 @@ class DeviceKernels:
         y = cp.empty((T, O), cp.float32)
         blocks = -(-O // WARPS_PER_BLOCK)
         self.gemv_kernels[weight.storage]((blocks,), (32 * WARPS_PER_BLOCK,),
-                                          (weight.data, weight.kernel_scales, np.int32(weight.group or 0), x, y,
+                                          (weight.data, weight.kernel_scales, np.int32(weight.group or 0), x,
+                                           y if bias is None else bias, np.int32(bias is not None), y,
                                            np.int32(T), np.int32(O), np.int32(I)))
         return y
+
+    def rotary(self, x, cos, sin):
+        """x [T, heads, D], cos/sin [T, D] -> [T, heads, D]"""
+        cp = self.cupy
+        x = cp.ascontiguousarray(x, dtype=cp.float32)
+        y = cp.empty_like(x)
+        T, heads, D = x.shape
+        blocks = max(1, min(-(-x.size // 256), 65536))
+        self.rotary_kernel((blocks,), (256,), (x, cos, sin, y, np.int32(T), np.int32(heads), np.int32(D)))
+        return y
+
+    def decode_attention(self, q, keys, values, length, first):
+        """q [H, D] at position length - 1; keys, values [KV, capacity, D] holding `length` positions, of
+        which first .. length-1 are visible -> [H, D]"""
+        cp = self.cupy
+        H, D = q.shape
+        KV, capacity = keys.shape[:2]
+        out = cp.empty((H, D), cp.float32)
+        self.decode_attention_kernel((H,), (32 * ATTENTION_WARPS,),
+                                     (cp.ascontiguousarray(q), keys, values, out, np.int32(H), np.int32(KV),
+                                      np.int32(D), np.int32(capacity), np.int32(first), np.int32(length),
+                                      np.float32(D ** -0.5)))
+        return out
 
     def rms_norm(self, x, w, eps):
         cp = self.cupy
@@ -214,13 +310,25 @@ class DeviceKernels:
 class HostKernels:
     """The twins: the same computations in NumPy, for host mode and as the GPU tests' expectation."""
 
-    def gemv(self, weight, x):
-        """weight: a DeviceWeight [O, I] holding NumPy arrays; x [T, I] float32 -> [T, O] float32"""
+    def gemv(self, weight, x, bias=None):
+        """weight: a DeviceWeight [O, I] holding NumPy arrays; x [T, I] float32; bias [O] -> [T, O] float32"""
         y = np.empty((x.shape[0], weight.shape[0]), np.float32)
         for r0 in range(0, weight.shape[0], 4096):  # rows in chunks: the dequantized floats stay small
             r1 = min(r0 + 4096, weight.shape[0])
             y[:, r0:r1] = x @ weight.rows(r0, r1).T
-        return y
+        return y if bias is None else y + bias
+
+    def rotary(self, x, cos, sin):
+        from refqwen.rope import apply_rotary
+
+        return apply_rotary(x, cos, sin)
+
+    def decode_attention(self, q, keys, values, length, first):
+        from refqwen.attention import causal_attention
+
+        window = None if first == 0 else length - first  # the window that makes keys first .. length-1 visible
+        k, v = keys[:, :length].transpose(1, 0, 2), values[:, :length].transpose(1, 0, 2)  # [S, KV, D]
+        return causal_attention(q[None], k, v, length - 1, window)[0]
 
     def rms_norm(self, x, w, eps):
         from refqwen.norm import rms_norm

@@ -105,6 +105,7 @@ class CupyBackend(Backend):
         """host=True: NumPy and the kernels' NumPy twins stand in for CuPy and the GPU (tests only);
         free_bytes: the memory check_fits may use in host mode (default: unlimited)."""
         self.host = host
+        self._rotary_host = self._rotary_device = None  # apply_rotary's copy of this pass's cos and sin
         if host:
             self.xp, self.kernels, self.free_bytes = np, cuda_kernels.HostKernels(), free_bytes
         else:
@@ -158,13 +159,14 @@ class CupyBackend(Backend):
             return self._sixteen(f32_to_bf16(w), "bfloat16", name)
         return self._int8(*quant.quantize(w, "g32" if self.storage == "int8-g32" else "channel"))
 
-    def _int8(self, q, scales) -> DeviceWeight:  # scales [O, G] or [O]
+    def _int8(self, q, scales) -> DeviceWeight:  # scales [O, G] or [O]; the kernels read contiguous rows
+        q, scales = self.xp.ascontiguousarray(q), self.xp.ascontiguousarray(scales)
         return DeviceWeight(q, scales, "int8", scales)
 
     def _sixteen(self, data, storage, name) -> DeviceWeight:
         if storage == "float16" and not bool(self.xp.isfinite(data).all()):
             raise WeightsError(f"{name}: a weight exceeds float16's range (65504); use cupy-bf16 or cupy")
-        return DeviceWeight(data, None, storage, self.xp.ones(len(data), np.float32))
+        return DeviceWeight(self.xp.ascontiguousarray(data), None, storage, self.xp.ones(len(data), np.float32))
 
     def prepare_embedding(self, weight):
         return self.prepare_linear("model.embed_tokens.weight", weight)
@@ -186,7 +188,9 @@ class CupyBackend(Backend):
     def linear(self, x, weight: DeviceWeight, bias=None):
         """x [T, I] -> x Wᵀ + b [T, O] float32"""
         x = self.xp.asarray(x, np.float32)
-        y = self.kernels.gemv(weight, x) if x.shape[0] <= cuda_kernels.MAX_TOKENS else self._gemm(x, weight)
+        if x.shape[0] <= cuda_kernels.MAX_TOKENS:
+            return self.kernels.gemv(weight, x, bias)
+        y = self._gemm(x, weight)
         return y if bias is None else y + bias
 
     def _gemm(self, x, weight: DeviceWeight):
@@ -208,9 +212,12 @@ class CupyBackend(Backend):
         return self.kernels.rms_norm(x, weight, eps)
 
     def apply_rotary(self, x, cos, sin):
-        from refqwen.rope import apply_rotary
-
-        return apply_rotary(x, self.xp.asarray(cos), self.xp.asarray(sin))  # NumPy calls run on the device
+        """x [T, heads, D]; cos, sin [T, D] on the host, the same arrays for every layer of one forward
+        pass: copied to the device once per pass."""
+        if self._rotary_host is None or self._rotary_host[0] is not cos or self._rotary_host[1] is not sin:
+            self._rotary_host = (cos, sin)
+            self._rotary_device = (self.xp.asarray(cos, np.float32), self.xp.asarray(sin, np.float32))
+        return self.kernels.rotary(x, *self._rotary_device)
 
     def attention(self, q, k, v, cache: "DeviceLayerCache", window):
         """Append k, v [T, KV, D]; causal attention of q [T, H, D] over the cache -> [T, H, D].
@@ -220,6 +227,9 @@ class CupyBackend(Backend):
         keys, values = cache.append(k, v)  # [KV, S, D] each
         T, H, D = q.shape
         KV, S = keys.shape[:2]
+        if T == 1 and D % 32 == 0 and D <= cuda_kernels.ATTENTION_MAX_D:  # decode: one fused kernel
+            first = 0 if window is None else max(0, S - window)
+            return self.kernels.decode_attention(q[0], cache.k, cache.v, S, first)[None]  # [1, H, D]
         G = H // KV  # query heads per key/value head
         q = q.reshape(T, KV, G, D).transpose(1, 2, 0, 3) * np.float32(D ** -0.5)  # [KV, G, T, D]
         out = xp.empty((KV, G, T, D), np.float32)
@@ -251,7 +261,7 @@ class CupyBackend(Backend):
         for e in np.unique(chosen_host):
             tokens, slot = np.nonzero(chosen_host == e)  # which tokens picked e, in which of their k slots
             tokens, slot = xp.asarray(tokens), xp.asarray(slot)
-            out[tokens] += weights[tokens, slot, None] * experts[int(e)](x[tokens])
+            out[tokens] += weights[tokens, slot][:, None] * experts[int(e)](x[tokens])
         return out
 
 

@@ -40,10 +40,46 @@ def test_gemv_matches_its_twin(kernels, name, T, O, I, seed):
     on_device = cupy_gpu.VARIANTS[name]().prepare_linear("w", w)
     on_host = cupy_gpu.DeviceWeight(*(a.get() if isinstance(a, cp.ndarray) else a for a in
                                       (on_device.data, on_device.scales)), on_device.storage, None)
-    got = device.gemv(on_device, cp.asarray(x)).get()
-    expected = host.gemv(on_host, x)
-    bound = (I + 4) * EPS32 * (np.abs(x) @ np.abs(on_host.rows()).T)
+    b = (rng.standard_normal(O) * 0.2).astype(np.float32) if seed % 2 else None  # the bias is added in the kernel
+    got = device.gemv(on_device, cp.asarray(x), None if b is None else cp.asarray(b)).get()
+    expected = host.gemv(on_host, x, b)
+    bound = (I + 4) * EPS32 * (np.abs(x) @ np.abs(on_host.rows()).T + (0 if b is None else np.abs(b)))
     assert np.all(np.abs(got - expected) <= bound + 1e-30)
+
+
+@settings(max_examples=40, deadline=None)
+@given(T=st.integers(1, 40), heads=st.integers(1, 8), D=st.sampled_from([2, 64, 128]), seed=st.integers(0, 2**31))
+def test_rotary_matches_its_twin_exactly(kernels, T, heads, D, seed):
+    import cupy as cp
+
+    device, host = kernels
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((T, heads, D)).astype(np.float32)
+    angles = rng.uniform(-100, 100, (T, D)).astype(np.float32)
+    cos, sin = np.cos(angles), np.sin(angles)
+    got = device.rotary(cp.asarray(x), cp.asarray(cos), cp.asarray(sin)).get()
+    assert np.array_equal(got, host.rotary(x, cos, sin))  # the same roundings, no fused multiply-add
+
+
+@settings(max_examples=60, deadline=None)
+@given(S=st.integers(1, 3000), KV=st.integers(1, 4), ratio=st.integers(1, 7), D=st.sampled_from([32, 64, 128, 256]),
+       window=st.sampled_from([None, 1, 7, 1000]), mag=st.sampled_from([0.1, 3.0]), seed=st.integers(0, 2**31))
+def test_decode_attention_matches_its_twin(kernels, S, KV, ratio, D, window, mag, seed):
+    """The same bound as tests/test_backends.py's attention test: score rounding and a few ulps of max |v|."""
+    import cupy as cp
+
+    device, host = kernels
+    rng = np.random.default_rng(seed)
+    H, capacity = KV * ratio, S + int(rng.integers(0, 50))
+    q = (rng.standard_normal((H, D)) * mag).astype(np.float32)
+    keys, values = ((rng.standard_normal((KV, capacity, D)) * mag).astype(np.float32) for _ in range(2))
+    first = 0 if window is None else max(0, S - window)
+    got = device.decode_attention(cp.asarray(q), cp.asarray(keys), cp.asarray(values), S, first).get()
+    expected = host.decode_attention(q, keys, values, S, first)
+    qk = np.abs(q).reshape(KV, ratio, D) @ np.abs(keys[:, :S]).transpose(0, 2, 1)  # [KV, G, S]
+    score_error = (D + 2) * EPS32 * qk.max() / np.sqrt(D)
+    atol = (64 * EPS32 + 4 * score_error) * np.abs(values[:, :S]).max()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=atol)
 
 
 @settings(max_examples=60, deadline=None)
