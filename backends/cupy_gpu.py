@@ -31,6 +31,7 @@ from refqwen.backends.base import Backend
 from refqwen import quant
 from refqwen.arrays import array_module, to_host
 from refqwen.errors import RefqwenError, WeightsError
+from refqwen.info import parameter_counts
 from refqwen.quant import QUANTIZED, QuantizedWeight
 
 TILE_ROWS = 4096  # weight rows dequantized per cuBLAS call in prefill
@@ -131,7 +132,7 @@ class CupyBackend(Backend):
                 for name in STORAGE_OF if bytes_needed(config, STORAGE_OF[name]) <= free]
         raise RefqwenError(
             f"{source}: does not fit on the GPU with backend {self.name}: it needs {need / 2**30:.1f} GiB "
-            f"({parameter_count(config) / 1e9:.2f} B parameters as {self.storage}, a KV cache for "
+            f"({parameter_counts(config)['total'] / 1e9:.2f} B parameters as {self.storage}, a KV cache for "
             f"{KV_RESERVE_TOKENS} positions and {WORKSPACE_BYTES / 2**30:.0f} GiB of workspace), and "
             f"{free / 2**30:.1f} GiB is free. "
             + (f"What would fit: {'; '.join(fits)}." if fits else "No cupy backend fits it on this GPU."))
@@ -337,14 +338,9 @@ class DeviceKVCache:
         return self.layers[0].length
 
 
-def parameter_count(config) -> int:
-    from refqwen.weights import expected_shapes
-
-    return sum(int(np.prod(shape)) for shape in expected_shapes(config).values())
-
-
-def bytes_needed(config, storage: str) -> int:
-    """Device bytes to hold a model of this config with this weight storage, plus check_fits' reserve."""
+def bytes_needed(config, storage: str, kv_tokens: int = KV_RESERVE_TOKENS) -> int:
+    """Device bytes to hold a model of this config with this weight storage, a float32 KV cache for
+    kv_tokens positions, and the workspace."""
     from refqwen.weights import expected_shapes
 
     per_weight, per_scale, _ = STORAGE[storage]
@@ -355,5 +351,5 @@ def bytes_needed(config, storage: str) -> int:
             total += n * (per_weight + per_scale) + (4 * shape[0] if storage == "int8-channel" else 0)
         else:  # norms, biases, router and shared-expert gate stay float32
             total += 4 * n
-    kv = 2 * config.num_hidden_layers * KV_RESERVE_TOKENS * config.num_key_value_heads * config.head_dim * 4
+    kv = 2 * config.num_hidden_layers * kv_tokens * config.num_key_value_heads * config.head_dim * 4
     return total + kv + WORKSPACE_BYTES

@@ -83,6 +83,8 @@ def _format_info(report: dict) -> str:
     m = report["memory"]
     lines += ["", f"memory for a {m['context_tokens']}-token context: weights {m['weights_gib']:.2f} GiB + "
                   f"KV cache {m['kv_cache_gib']:.3f} GiB = {m['total_gib']:.2f} GiB"]
+    lines += ["on a GPU (with 2 GiB of workspace): " + ", ".join(f"{name} {gib:.1f} GiB"
+                                                                  for name, gib in m["gpu_gib"].items())]
     return "\n".join(lines)
 
 

@@ -56,7 +56,8 @@ def sampling_probs(logits: np.ndarray, s: Sampling) -> np.ndarray:
     """The distribution to sample from: temperature, then top-k, top-p and min-p filtering.  -> [V]"""
     logits = logits / np.float32(s.temperature)
     if 0 < s.top_k < len(logits):
-        kth_largest = np.partition(logits, -s.top_k)[-s.top_k]
+        kth = len(logits) - s.top_k  # as an index from the front: CuPy's partition takes no negative kth
+        kth_largest = np.partition(logits, kth)[kth]
         logits[logits < kth_largest] = -np.inf
     probs = _softmax(logits)
     if s.top_p < 1.0:

@@ -32,4 +32,11 @@ def describe(model, context: int | None = None) -> dict:
                   sliding_layers=sorted(cfg.sliding_layers), rope_attention_factor=cfg.rope_attention_factor)
     return dict(source=model.source, backend=model.backend, dtype="float32", config=config, parameters=params,
                 memory=dict(context_tokens=context, weights_gib=weight_bytes / 2**30, kv_cache_gib=kv_bytes / 2**30,
-                            total_gib=(weight_bytes + kv_bytes) / 2**30))
+                            total_gib=(weight_bytes + kv_bytes) / 2**30, gpu_gib=gpu_memory_gib(cfg, context)))
+
+
+def gpu_memory_gib(cfg, context: int) -> dict[str, float]:
+    """GPU memory each cupy backend needs for this model and context (weights, KV cache, workspace)."""
+    from refqwen.backends.cupy_gpu import VARIANTS, bytes_needed
+
+    return {name: bytes_needed(cfg, cls.storage, context) / 2**30 for name, cls in VARIANTS.items()}

@@ -51,6 +51,12 @@ def test_info_json():
     assert report["config"]["hidden_size"] == 896
     assert report["parameters"]["total"] == 630_167_424  # untied: embedding and lm_head both counted
     assert report["memory"]["kv_cache_gib"] == pytest.approx(2 * 24 * 4096 * 2 * 64 * 4 / 2**30)
+    # int8-g32: a byte per weight and a float32 scale per 32 (every matrix here has inputs a multiple of 32);
+    # norms and biases float32; the same KV cache; 2 GiB of workspace
+    matrices = 630_167_424 - 24 * (2 * 896 + 896 + 2 * 128) - 896  # all but the norms and biases
+    expected = matrices * (1 + 4 / 32) + 4 * (630_167_424 - matrices) + 2 * 24 * 4096 * 2 * 64 * 4 + 2 * 2**30
+    assert report["memory"]["gpu_gib"]["cupy"] == pytest.approx(expected / 2**30)
+    assert report["memory"]["gpu_gib"]["cupy-f16"] == pytest.approx((expected + matrices * (1 - 4 / 32)) / 2**30)
 
 
 def test_ppl(tmp_path):

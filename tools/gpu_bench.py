@@ -104,10 +104,10 @@ def measure(model_name, ops, prompt_tokens: int, decode_tokens: int) -> dict:
     for _ in range(decode_tokens):
         token = int(xp.argmax(model.logits([token], cache, last_only=True)[-1]))  # one id comes back per step
     decode_s = time.perf_counter() - t0
-    from refqwen.backends.cupy_gpu import parameter_count
+    from refqwen.info import parameter_counts
 
     return dict(model=model_name if isinstance(model_name, str) else "config", backend=ops.name,
-                parameters_b=round(parameter_count(model.config) / 1e9, 2),
+                parameters_b=round(parameter_counts(model.config)["total"] / 1e9, 2),
                 load_s=round(load_s, 1), weights_gib=weights_gib and round(weights_gib, 2),
                 pool_gib=pool and round(pool.total_bytes() / 2**30, 2),
                 prefill_tok_s=round(prompt_tokens / prefill_s, 1), decode_tok_s=round(decode_tokens / decode_s, 1),
