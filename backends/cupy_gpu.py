@@ -68,21 +68,19 @@ class DeviceWeight:
 
     def rows(self, start: int = 0, stop: int | None = None):
         """float32 rows [stop - start, I], dequantized where the data lives."""
-        data = self.data[start:stop]
-        if self.storage == "float16":
-            return data.astype(np.float32)
-        if self.storage == "bfloat16":
-            return bf16_to_f32(data)
-        return quant.dequantize(data, self.scales[start:stop])
+        return self._float32(slice(start, stop))
 
     def take(self, ids):
         """float32 rows for the given row ids (the embedding lookup)."""
-        data = self.data[ids]
+        return self._float32(ids)
+
+    def _float32(self, rows):
+        data = self.data[rows]
         if self.storage == "float16":
             return data.astype(np.float32)
         if self.storage == "bfloat16":
             return bf16_to_f32(data)
-        return quant.dequantize(data, self.scales[ids])
+        return quant.dequantize(data, self.scales[rows])
 
 
 def f32_to_bf16(w):
