@@ -195,3 +195,12 @@ def test_gpu_bench_measures_in_host_mode():
         cfg.num_experts
     expected = cfg.num_hidden_layers * per_layer + nbytes(cfg.vocab_size, C)
     assert gpu_bench.weight_bytes_per_token(model) == pytest.approx(expected)
+
+
+@pytest.mark.skipif(cuda_kernels.device_unavailable_reason() is None, reason="this machine has a CUDA GPU")
+def test_without_a_gpu_the_backend_says_why():
+    from refqwen import backends
+
+    assert all(backends.available()[name] for name in cupy_gpu.VARIANTS)
+    with pytest.raises(RefqwenError, match=r"backend 'cupy' cannot run here: (no usable CUDA device|cupy is not inst)"):
+        backends.get("cupy")
