@@ -8,7 +8,8 @@ Models are released Qwen2 shapes with random weights drawn on the GPU (refqwen/p
 when its GGUF is in the cache. The baseline, measured in the same run, is the GPU's own
 device-to-device copy bandwidth: decode reads every weight once per token, so
     decode bandwidth = (bytes of weights read per token) x (tokens/s),
-and its fraction of the copy bandwidth says how close the GEMV kernels come to the memory limit.
+and its fraction of the copy bandwidth says how close decoding comes to the memory limit. One
+GEMV timed alone (CUDA events) gives the kernel's own rate, apart from launch overheads.
 """
 
 import argparse
@@ -34,6 +35,24 @@ def copy_bandwidth(cp, nbytes: int = 2 * 2**30, repeats: int = 10) -> float:
     del a, b
     cp.get_default_memory_pool().free_all_blocks()
     return 2 * nbytes * repeats / seconds
+
+
+def gemv_bandwidth(cp, backend: str, shape=(18944, 3584), repeats: int = 50) -> float:
+    """Bytes per second one decode GEMV kernel streams on its own (Qwen2-7B's MLP up projection),
+    timed with CUDA events: the kernel's ceiling, apart from launch and Python overheads."""
+    from refqwen import backends
+
+    ops = backends.get(backend)
+    weight = ops.prepare_linear("w", cp.random.default_rng(0).standard_normal(shape, dtype=cp.float32) * 0.02)
+    x = cp.ones((1, shape[1]), cp.float32)
+    ops.linear(x, weight)  # warm up
+    start, stop = cp.cuda.Event(), cp.cuda.Event()
+    start.record()
+    for _ in range(repeats):
+        ops.linear(x, weight)
+    stop.record()
+    stop.synchronize()
+    return weight.nbytes * repeats / (cp.cuda.get_elapsed_time(start, stop) / 1e3)
 
 
 def weight_bytes_per_token(model) -> float:
@@ -129,6 +148,10 @@ def main(argv=None):
     print(f"{device}: device-to-device copy {bandwidth / 1e9:.0f} GB/s (the baseline)", flush=True)
     from refqwen import backends
 
+    kernels = {b: gemv_bandwidth(cp, b) for b in args.backends.split(",")}
+    for b, rate in kernels.items():
+        print(f"{b}: one 18944 x 3584 GEMV alone streams {rate / 1e9:.0f} GB/s ({rate / bandwidth:.0%} of copy)",
+              flush=True)
     rows = []
     for model_name in args.models.split(","):
         for backend in args.backends.split(","):
@@ -148,6 +171,7 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=device, copy_bandwidth_gb_s=round(bandwidth / 1e9, 1),
+                           gemv_alone_gb_s={b: round(r / 1e9, 1) for b, r in kernels.items()},
                            prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens, runs=rows), f, indent=2)
 
 
