@@ -62,6 +62,11 @@ class Backend:
         """A NumPy array of one of this backend's arrays (the logits, a traced value)."""
         return np.asarray(x)
 
+    def decode(self, model, token: int, cache):
+        """Logits [1, V] of one more token after what cache holds (generation calls this each step;
+        a GPU backend may replay a captured graph instead)."""
+        return model.logits([token], cache, last_only=True)
+
     def embed(self, ids: np.ndarray, table) -> np.ndarray:
         """Rows of the embedding table for token ids [T] -> [T, C] float32."""
         return np.asarray(table[ids], np.float32)

@@ -141,29 +141,49 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
     for (int j = threadIdx.x; j < C; j += blockDim.x) y[(long)blockIdx.x * C + j] = xr[j] * r * w[j];
 }
 
-// x [T, heads, D] -> y: x * cos + rotate_half(x) * sin, cos/sin [T, D]; rotate_half pairs channel d with
-// d + D/2 (the half-split layout). Rounded as refqwen/rope.py's NumPy does: no fused multiply-add.
+// x [T, heads, D] -> y: x * cos + rotate_half(x) * sin, with rows first_row + t of cos/sin [rows, D];
+// first_row is read from the device when given (a captured decode step's position), else 0.
+// rotate_half pairs channel d with d + D/2 (the half-split layout). Rounded as refqwen/rope.py's
+// NumPy does: no fused multiply-add.
 extern "C" __global__ void rotary(const float* __restrict__ x, const float* __restrict__ cos,
-                                  const float* __restrict__ sin, float* __restrict__ y, int T, int heads, int D) {
+                                  const float* __restrict__ sin, const int* __restrict__ first_row,
+                                  float* __restrict__ y, int T, int heads, int D) {
     const long n = (long)T * heads * D;
     const int half = D / 2;
+    const long row0 = first_row ? *first_row : 0;
     for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         const int d = i % D;
-        const long t = i / ((long)heads * D);
+        const long t = row0 + i / ((long)heads * D);
         const float rotated = d < half ? -x[i + half] : x[i - half];
         y[i] = __fadd_rn(__fmul_rn(x[i], cos[t * D + d]), __fmul_rn(rotated, sin[t * D + d]));
     }
 }
 
-// One new token's attention over the cache (decode). q [H, D] at position S - 1; keys, values [KV, cap, D],
-// the first S positions valid; keys first .. S-1 visible (first > 0 with a sliding window); out [H, D].
+// k, v [KV, D] of one new token -> position *position of keys, values [KV, cap, D] (a captured decode step).
+extern "C" __global__ void append_kv(const float* __restrict__ k, const float* __restrict__ v,
+                                     float* __restrict__ keys, float* __restrict__ values,
+                                     const int* __restrict__ position, int KV, int cap, int D) {
+    const long pos = *position;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < KV * D; i += gridDim.x * blockDim.x) {
+        const long at = ((long)(i / D) * cap + pos) * D + i % D;
+        keys[at] = k[i];
+        values[at] = v[i];
+    }
+}
+
+// One new token's attention over the cache (decode). q [H, D] at position S - 1, where S = *position + 1
+// when position is given (a captured decode step), else S = length; keys, values [KV, cap, D], the first
+// S positions valid; with window > 0 only the last `window` of them are visible; out [H, D].
 // One block per query head; its warps split the keys, each keeping an online softmax (running max m,
 // sum l, weighted values acc) with D/32 channels per lane; then warp 0 merges the warps' partial results.
 #define MAX_WARPS 8
 #define MAX_D 256
 extern "C" __global__ void decode_attention(const float* __restrict__ q, const float* __restrict__ keys,
                                             const float* __restrict__ values, float* __restrict__ out,
-                                            int H, int KV, int D, int cap, int first, int S, float scale) {
+                                            int H, int KV, int D, int cap, int window, int length,
+                                            const int* __restrict__ position, float scale) {
+    const int S = position ? *position + 1 : length;
+    const int first = window > 0 && S > window ? S - window : 0;
     __shared__ float warp_m[MAX_WARPS], warp_l[MAX_WARPS], warp_acc[MAX_WARPS * MAX_D];
     const int h = blockIdx.x, kv = h / (H / KV);  // query head h reads key/value head h / G
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
@@ -212,7 +232,8 @@ extern "C" __global__ void silu_mul(const float* __restrict__ g, const float* __
 }
 """
 
-KERNEL_NAMES = ("gemv_int8", "gemv_f16", "gemv_bf16", "rms_norm", "rotary", "decode_attention", "silu_mul")
+KERNEL_NAMES = ("gemv_int8", "gemv_f16", "gemv_bf16", "rms_norm", "rotary", "append_kv", "decode_attention",
+                "silu_mul")
 ATTENTION_WARPS = 8  # decode_attention: warps per query head (MAX_WARPS in the source)
 ATTENTION_MAX_D = 256
 NVRTC_OPTIONS = ("-std=c++17",)
@@ -245,6 +266,7 @@ class DeviceKernels:
         self.silu_mul_kernel = module.get_function("silu_mul")
         self.rotary_kernel = module.get_function("rotary")
         self.decode_attention_kernel = module.get_function("decode_attention")
+        self.append_kv_kernel = module.get_function("append_kv")
         # float16 matrix products accumulate in float32 (cuBLAS's compute type), never in float16
         from cupy._core import _routines_linalg as linalg
 
@@ -264,27 +286,37 @@ class DeviceKernels:
                                            np.int32(T), np.int32(O), np.int32(I)))
         return y
 
-    def rotary(self, x, cos, sin):
-        """x [T, heads, D], cos/sin [T, D] -> [T, heads, D]"""
+    def rotary(self, x, cos, sin, first_row=None):
+        """x [T, heads, D]; cos/sin [rows, D], rows first_row .. first_row+T-1 used (first_row: a device
+        int32 [1], or None for 0) -> [T, heads, D]"""
         cp = self.cupy
         x = cp.ascontiguousarray(x, dtype=cp.float32)
         y = cp.empty_like(x)
         T, heads, D = x.shape
         blocks = max(1, min(-(-x.size // 256), 65536))
-        self.rotary_kernel((blocks,), (256,), (x, cos, sin, y, np.int32(T), np.int32(heads), np.int32(D)))
+        self.rotary_kernel((blocks,), (256,), (x, cos, sin, _pointer(first_row), y, np.int32(T), np.int32(heads),
+                                               np.int32(D)))
         return y
 
-    def decode_attention(self, q, keys, values, length, first):
-        """q [H, D] at position length - 1; keys, values [KV, capacity, D] holding `length` positions, of
-        which first .. length-1 are visible -> [H, D]"""
+    def append_kv(self, k, v, keys, values, position):
+        """Write k, v [KV, D] at position (a device int32 [1]) of keys, values [KV, capacity, D]."""
+        cp = self.cupy
+        KV, capacity, D = keys.shape
+        self.append_kv_kernel((max(1, -(-KV * D // 256)),), (256,),
+                              (cp.ascontiguousarray(k), cp.ascontiguousarray(v), keys, values, position,
+                               np.int32(KV), np.int32(capacity), np.int32(D)))
+
+    def decode_attention(self, q, keys, values, length, window, position=None):
+        """q [H, D] at position length - 1 (or *position: a device int32 [1]); keys, values [KV, capacity, D]
+        holding the positions so far, the last `window` visible (None: all) -> [H, D]"""
         cp = self.cupy
         H, D = q.shape
         KV, capacity = keys.shape[:2]
         out = cp.empty((H, D), cp.float32)
         self.decode_attention_kernel((H,), (32 * ATTENTION_WARPS,),
                                      (cp.ascontiguousarray(q), keys, values, out, np.int32(H), np.int32(KV),
-                                      np.int32(D), np.int32(capacity), np.int32(first), np.int32(length),
-                                      np.float32(D ** -0.5)))
+                                      np.int32(D), np.int32(capacity), np.int32(window or 0), np.int32(length),
+                                      _pointer(position), np.float32(D ** -0.5)))
         return out
 
     def rms_norm(self, x, w, eps):
@@ -318,15 +350,20 @@ class HostKernels:
             y[:, r0:r1] = x @ weight.rows(r0, r1).T
         return y if bias is None else y + bias
 
-    def rotary(self, x, cos, sin):
+    def rotary(self, x, cos, sin, first_row=None):
         from refqwen.rope import apply_rotary
 
-        return apply_rotary(x, cos, sin)
+        start = 0 if first_row is None else int(first_row[0])
+        return apply_rotary(x, cos[start:start + len(x)], sin[start:start + len(x)])
 
-    def decode_attention(self, q, keys, values, length, first):
+    def append_kv(self, k, v, keys, values, position):
+        keys[:, int(position[0])] = k
+        values[:, int(position[0])] = v
+
+    def decode_attention(self, q, keys, values, length, window, position=None):
         from refqwen.attention import causal_attention
 
-        window = None if first == 0 else length - first  # the window that makes keys first .. length-1 visible
+        length = length if position is None else int(position[0]) + 1
         k, v = keys[:, :length].transpose(1, 0, 2), values[:, :length].transpose(1, 0, 2)  # [S, KV, D]
         return causal_attention(q[None], k, v, length - 1, window)[0]
 
@@ -342,6 +379,11 @@ class HostKernels:
 
     def matmul_f16(self, a, b):
         return (a.astype(np.float32) @ b.astype(np.float32).T).astype(np.float16)
+
+
+def _pointer(array):
+    """A kernel's optional pointer argument: the array, or a null pointer for None."""
+    return np.uint64(0) if array is None else array
 
 
 def device_unavailable_reason() -> str | None:

@@ -22,6 +22,8 @@ kernel's NumPy twin (cuda_kernels.HostKernels) stands in for it, so every line o
 here runs, and is checked against the reference, on a machine without a GPU.
 """
 
+import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +39,7 @@ from refqwen.quant import QUANTIZED, QuantizedWeight
 TILE_ROWS = 4096  # weight rows dequantized per cuBLAS call in prefill
 F16_MAX_INPUTS = 65504  # inputs scaled into [-1, 1] sum to at most I: float16 holds that for I <= 65504
 SCORE_BYTES = 256 * 2**20  # attention scores [KV, G, t, S] float32 per query chunk, at most
+GRAPH_POSITIONS = 1024  # a DecodeGraph is built with room for this many more positions (or twice the length)
 KV_RESERVE_TOKENS = 4096  # check_fits keeps room for a KV cache of this many positions
 WORKSPACE_BYTES = 2 * 2**30  # and this much for activations, dequantized tiles and cuBLAS
 
@@ -100,11 +103,14 @@ class CupyBackend(Backend):
     storage = "int8-g32"
     gpu = True
 
-    def __init__(self, host: bool = False, free_bytes: int | None = None):
+    def __init__(self, host: bool = False, free_bytes: int | None = None, graphs: bool | None = None):
         """host=True: NumPy and the kernels' NumPy twins stand in for CuPy and the GPU (tests only);
-        free_bytes: the memory check_fits may use in host mode (default: unlimited)."""
+        free_bytes: the memory check_fits may use in host mode (default: unlimited);
+        graphs: decode dense models through a CUDA graph (DecodeGraph; default: $REFQWEN_CUDA_GRAPHS=1)."""
         self.host = host
         self._rotary_host = self._rotary_device = None  # apply_rotary's copy of this pass's cos and sin
+        self._step = None  # the DecodeGraph whose step is running: embed, rotary and attention read it
+        self.graphs = graphs if graphs is not None else os.environ.get("REFQWEN_CUDA_GRAPHS") == "1"
         if host:
             self.xp, self.kernels, self.free_bytes = np, cuda_kernels.HostKernels(), free_bytes
         else:
@@ -182,7 +188,8 @@ class CupyBackend(Backend):
     # ---- run time -------------------------------------------------------------------------
 
     def embed(self, ids, table: DeviceWeight):
-        return table.take(self.xp.asarray(ids))  # [T, C]
+        ids = self._step.token if self._step else self.xp.asarray(ids)  # a graph's step reads its token on the device
+        return table.take(ids)  # [T, C]
 
     def linear(self, x, weight: DeviceWeight, bias=None):
         """x [T, I] -> x Wᵀ + b [T, O] float32"""
@@ -213,6 +220,8 @@ class CupyBackend(Backend):
     def apply_rotary(self, x, cos, sin):
         """x [T, heads, D]; cos, sin [T, D] on the host, the same arrays for every layer of one forward
         pass: copied to the device once per pass."""
+        if self._step:  # a graph's step: its position's rows of the tables, the position read on the device
+            return self.kernels.rotary(x, self._step.cos, self._step.sin, self._step.position)
         if self._rotary_host is None or self._rotary_host[0] is not cos or self._rotary_host[1] is not sin:
             self._rotary_host = (cos, sin)
             self._rotary_device = (self.xp.asarray(cos, np.float32), self.xp.asarray(sin, np.float32))
@@ -222,13 +231,15 @@ class CupyBackend(Backend):
         """Append k, v [T, KV, D]; causal attention of q [T, H, D] over the cache -> [T, H, D].
         Exact softmax over all visible keys, for as many queries at a time as SCORE_BYTES allows."""
         xp = self.xp
+        if self._step:  # a graph's step: the cache slot and the keys attended follow the device position
+            self.kernels.append_kv(k[0], v[0], cache.k, cache.v, self._step.position)
+            return self.kernels.decode_attention(q[0], cache.k, cache.v, 0, window, self._step.position)[None]
         start = cache.length
         keys, values = cache.append(k, v)  # [KV, S, D] each
         T, H, D = q.shape
         KV, S = keys.shape[:2]
         if T == 1 and D % 32 == 0 and D <= cuda_kernels.ATTENTION_MAX_D:  # decode: one fused kernel
-            first = 0 if window is None else max(0, S - window)
-            return self.kernels.decode_attention(q[0], cache.k, cache.v, S, first)[None]  # [1, H, D]
+            return self.kernels.decode_attention(q[0], cache.k, cache.v, S, window)[None]  # [1, H, D]
         G = H // KV  # query heads per key/value head
         q = q.reshape(T, KV, G, D).transpose(1, 2, 0, 3) * np.float32(D ** -0.5)  # [KV, G, T, D]
         out = xp.empty((KV, G, T, D), np.float32)
@@ -250,6 +261,26 @@ class CupyBackend(Backend):
 
     def swiglu(self, gate, up):
         return self.kernels.silu_mul(gate, up)
+
+    def decode(self, model, token: int, cache):
+        """One more token's logits [1, V]: through the cache's DecodeGraph when graphs are on and the
+        model is dense (MoE routing reads its choices on the host, which a graph cannot)."""
+        D = model.config.head_dim
+        if not self.graphs or model.config.sparse_layers or D % 32 or D > cuda_kernels.ATTENTION_MAX_D:
+            return super().decode(model, token, cache)
+        graph = getattr(cache, "graph", None)
+        if graph is None or not graph.fits(cache):
+            capacity = min(model.config.max_position_embeddings, max(2 * cache.length, cache.length + GRAPH_POSITIONS))
+            try:
+                graph = cache.graph = DecodeGraph(self, model, cache, capacity)
+            except Exception as e:  # a GPU or CuPy that cannot capture: decode as before, and say so once
+                if self.host:
+                    raise
+                warnings.warn(f"{self.name}: CUDA graph capture failed ({type(e).__name__}: {e}); decoding without",
+                              stacklevel=2)
+                self.graphs = False
+                return super().decode(model, token, cache)
+        return graph.step(token)
 
     def moe_dispatch(self, x, experts, chosen, weights):
         """Tokens are grouped per expert on the host (chosen is [T, k] small integers), gathered on
@@ -295,6 +326,82 @@ def scaled_f16(a, per_row: bool = True):
     return (a / s).astype(np.float16), s
 
 
+class DecodeGraph:
+    """One decode step of a dense model, captured once as a CUDA graph and replayed for every token:
+    one launch instead of about 18 per layer, which for small models is most of a decode step.
+
+    What changes from step to step is read from device memory: the token id (`token`), its position
+    (`position`, advanced by the step itself), the rows of the rotary tables (`cos`, `sin`, all
+    positions up to `capacity`, computed once as the reference computes them), the cache slot
+    written and the keys attended. The cache's buffers are sized for `capacity` positions up front,
+    so their addresses stay those the graph recorded. The step's temporaries come from a memory
+    pool of the graph's own, so nothing else reuses them. In host mode nothing is captured: each
+    step runs the same code eagerly, and the tests check it against the reference."""
+
+    def __init__(self, ops, model, cache, capacity: int):
+        from refqwen.rope import rotary_cos_sin
+
+        xp, cfg = ops.xp, model.config
+        self.ops, self.model, self.cache, self.capacity = ops, model, cache, capacity
+        for layer in cache.layers:
+            layer.reserve(capacity)
+        self.buffers = [layer.k for layer in cache.layers]  # the addresses the graph records
+        cos, sin = rotary_cos_sin(cfg.rope_inv_freq, np.arange(capacity), cfg.rope_attention_factor)  # [capacity, D]
+        self.cos, self.sin = xp.asarray(cos), xp.asarray(sin)
+        self.token = xp.zeros(1, np.int32)
+        self.position = xp.asarray([cache.length], np.int32)
+        self.graph = self.logits = None
+        if not ops.host:
+            self._capture()
+
+    def fits(self, cache) -> bool:
+        """Whether this graph can run the next step of cache: room left, and the buffers it recorded."""
+        return cache.length < self.capacity and all(a is b.k for a, b in zip(self.buffers, cache.layers))
+
+    def _run(self):
+        """The step: the model's own code, with the backend reading token and position on the device."""
+        self.ops._step = self
+        try:
+            logits = self.model.logits([0], self.cache, last_only=True)  # the token id comes from self.token
+        finally:
+            self.ops._step = None
+        self.position += 1
+        return logits
+
+    def _capture(self):
+        cp = self.ops.xp
+        self.pool = cp.cuda.MemoryPool()
+        capture = cp.cuda.Stream(non_blocking=True)
+        self.stream = cp.cuda.Stream()  # replays go here: a blocking stream, ordered with the default stream
+        cp.cuda.Device().synchronize()  # the prefill (on the default stream) is done
+        with cp.cuda.using_allocator(self.pool.malloc), capture:
+            self._run()  # once for real first: compiles every kernel and fills the pool
+            self.position -= 1  # (its k, v slot is written again by the first replay)
+            capture.begin_capture(mode=cp.cuda.runtime.streamCaptureModeRelaxed)
+            try:
+                self.logits = self._run()
+            finally:
+                self.graph = capture.end_capture()
+        cp.cuda.Device().synchronize()
+
+    def step(self, token: int):
+        """Logits [1, V] of token at the cache's next position (the array is rewritten by the next step)."""
+        if int(self.cache.length) != self._expected:  # the cache grew outside the graph (more prefill)
+            self.position[...] = self.cache.length
+        self.token.fill(token)
+        if self.graph is None:
+            logits = self._run()
+        else:
+            self.graph.launch(self.stream)
+            logits = self.logits
+        for layer in self.cache.layers:
+            layer.length += 1
+        self._expected = self.cache.length
+        return logits
+
+    _expected = -1
+
+
 class DeviceLayerCache:
     """One layer's keys and values on the device, [KV, capacity, D] each (heads first, so each head's
     keys are one contiguous matrix for the products), grown by doubling."""
@@ -316,6 +423,11 @@ class DeviceLayerCache:
         self.length = end
         return self.k[:, :end], self.v[:, :end]
 
+    def reserve(self, capacity: int):
+        """Room for `capacity` positions now, so that appends up to it keep the same buffers."""
+        if capacity > self.k.shape[1]:
+            self.k, self.v = (self._grow(buffer, capacity) for buffer in (self.k, self.v))
+
     def _grow(self, buffer, capacity):
         bigger = self.xp.empty((buffer.shape[0], capacity, buffer.shape[2]), np.float32)
         bigger[:, :self.length] = buffer[:, :self.length]
@@ -330,6 +442,7 @@ class DeviceLayerCache:
 class DeviceKVCache:
     def __init__(self, xp, num_layers: int, num_kv_heads: int, head_dim: int):
         self.layers = [DeviceLayerCache(xp, num_kv_heads, head_dim) for _ in range(num_layers)]
+        self.graph = None  # the DecodeGraph that decodes this sequence, once there is one
 
     @property
     def length(self) -> int:

@@ -66,7 +66,7 @@ def _refqwen_runner(model_path, backend):
 
         def step():
             nonlocal logits
-            logits = model.logits([int(np.argmax(logits[-1]))], cache, last_only=True)  # argmax where logits are
+            logits = model.ops.decode(model, int(np.argmax(logits[-1])), cache)  # argmax where the logits are
 
         return step
 

@@ -93,7 +93,7 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, sampling: Sa
         history.append(token)
         if i + 1 == max_new_tokens or cache.length == limit:
             return
-        logits = model.logits([token], cache, last_only=True)[-1]
+        logits = model.ops.decode(model, token, cache)[-1]
 
 
 class TextStream:

@@ -204,3 +204,51 @@ def test_without_a_gpu_the_backend_says_why():
     assert all(backends.available()[name] for name in cupy_gpu.VARIANTS)
     with pytest.raises(RefqwenError, match=r"backend 'cupy' cannot run here: (no usable CUDA device|cupy is not inst)"):
         backends.get("cupy")
+
+
+WIDE_HEADS = dict(vocab_size=128, hidden_size=128, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, architectures=["Qwen2ForCausalLM"])  # D = 32
+
+
+@pytest.mark.parametrize("extra", [{}, dict(use_sliding_window=True, sliding_window=8, max_window_layers=1),
+                                   dict(max_position_embeddings=128, rope_parameters=dict(
+                                       rope_type="yarn", factor=4.0, rope_theta=10000.0,
+                                       original_max_position_embeddings=32))])
+def test_decode_graph_steps_are_the_eager_steps(extra, monkeypatch):
+    """A DecodeGraph's step reads token and position on the device; in host mode it runs eagerly, so
+    its logits must equal the eager decode's exactly, across graph rebuilds (room for 4 more positions
+    at a time here) and a prefill in between."""
+    from refqwen import Config
+
+    monkeypatch.setattr(cupy_gpu, "GRAPH_POSITIONS", 4)
+    cfg = Config.from_hf_dict(dict(WIDE_HEADS, **extra))
+    w = random_weights(cfg)
+    eager = Model(cfg, w, backend=CupyBackend(host=True))
+    graphed = Model(cfg, w, backend=CupyBackend(host=True, graphs=True))
+    ids = list(np.random.default_rng(0).integers(0, cfg.vocab_size, 10))
+    eager_cache, graph_cache = eager.new_cache(), graphed.new_cache()
+    eager.logits(ids, eager_cache), graphed.logits(ids, graph_cache)
+    capacities = set()
+    for step in range(40):
+        token = (7 * step) % cfg.vocab_size
+        got = graphed.ops.decode(graphed, token, graph_cache)
+        assert np.array_equal(got, eager.ops.decode(eager, token, eager_cache))
+        capacities.add(graph_cache.graph.capacity)
+        if step == 20:  # more prefill, outside the graph: the next step picks up the new position
+            more = [1, 2, 3, 4, 5]
+            assert np.array_equal(graphed.logits(more, graph_cache), eager.logits(more, eager_cache))
+    assert graph_cache.length == eager_cache.length == 55 and len(capacities) >= 3  # rebuilt as the cache grew
+
+
+def test_decode_graph_is_not_used_for_moe():
+    """MoE routing brings its choices to the host, which a captured graph cannot do: decode stays eager."""
+    from refqwen import Config
+
+    cfg = Config.from_hf_dict(dict(WIDE_HEADS, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                   shared_expert_intermediate_size=48, architectures=["Qwen2MoeForCausalLM"]))
+    model = Model(cfg, random_weights(cfg), backend=CupyBackend(host=True, graphs=True))
+    eager = Model(cfg, random_weights(cfg), backend=CupyBackend(host=True))
+    cache, eager_cache = model.new_cache(), eager.new_cache()
+    model.logits([1, 2, 3], cache), eager.logits([1, 2, 3], eager_cache)
+    assert np.array_equal(model.ops.decode(model, 4, cache), eager.ops.decode(eager, 4, eager_cache))
+    assert cache.graph is None

@@ -73,9 +73,11 @@ def test_decode_attention_matches_its_twin(kernels, S, KV, ratio, D, window, mag
     H, capacity = KV * ratio, S + int(rng.integers(0, 50))
     q = (rng.standard_normal((H, D)) * mag).astype(np.float32)
     keys, values = ((rng.standard_normal((KV, capacity, D)) * mag).astype(np.float32) for _ in range(2))
-    first = 0 if window is None else max(0, S - window)
-    got = device.decode_attention(cp.asarray(q), cp.asarray(keys), cp.asarray(values), S, first).get()
-    expected = host.decode_attention(q, keys, values, S, first)
+    got = device.decode_attention(cp.asarray(q), cp.asarray(keys), cp.asarray(values), S, window).get()
+    expected = host.decode_attention(q, keys, values, S, window)
+    position = cp.asarray([S - 1], cp.int32)  # the same, with the position read from the device
+    at = device.decode_attention(cp.asarray(q), cp.asarray(keys), cp.asarray(values), 0, window, position).get()
+    assert np.array_equal(at, got)
     qk = np.abs(q).reshape(KV, ratio, D) @ np.abs(keys[:, :S]).transpose(0, 2, 1)  # [KV, G, S]
     score_error = (D + 2) * EPS32 * qk.max() / np.sqrt(D)
     atol = (64 * EPS32 + 4 * score_error) * np.abs(values[:, :S]).max()
@@ -166,3 +168,22 @@ def test_a_model_too_big_for_the_gpu_is_refused_before_loading():
         pytest.skip(f"this GPU has {free / 2**30:.0f} GiB free: the 72B model fits even in float16")
     with pytest.raises(RefqwenError, match="does not fit on the GPU with backend cupy-f16.*What would fit"):
         backends.get("cupy-f16").check_fits(config, "Qwen2-72B")
+
+
+@pytest.mark.parametrize("name", list(cupy_gpu.VARIANTS))
+def test_decode_graph_replays_the_eager_steps_exactly(name):
+    """Captured and replayed, a decode step runs the same kernels as the eager step: the same bits."""
+    from refqwen import Config
+
+    cfg = Config.from_hf_dict(dict(vocab_size=128, hidden_size=128, intermediate_size=96, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                   architectures=["Qwen2ForCausalLM"]))  # head size 32
+    w = random_weights(cfg)
+    eager = Model(cfg, w, backend=cupy_gpu.VARIANTS[name](graphs=False))
+    graphed = Model(cfg, w, backend=cupy_gpu.VARIANTS[name](graphs=True))
+    eager_cache, graph_cache = eager.new_cache(), graphed.new_cache()
+    eager.logits(list(range(10)), eager_cache), graphed.logits(list(range(10)), graph_cache)
+    for step in range(30):
+        got = graphed.ops.decode(graphed, step, graph_cache).get()
+        assert graph_cache.graph is not None and graph_cache.graph.graph is not None  # captured, not eager
+        assert np.array_equal(got, eager.ops.decode(eager, step, eager_cache).get()), step

@@ -7,7 +7,7 @@ Models are released Qwen2 shapes with random weights drawn on the GPU (refqwen/p
 "demo-shape" is the embedded demo's shape: 0.5B with an untied output matrix), or "demo" itself
 when its GGUF is in the cache. The baseline, measured in the same run, is the GPU's own
 device-to-device copy bandwidth: decode reads every weight once per token, so
-    decode bandwidth = (bytes of weights read per token) x (tokens/s),
+    decode bandwidth = (bytes of weights read per token) x (tokens/s, the faster of eager and CUDA graph),
 and its fraction of the copy bandwidth says how close decoding comes to the memory limit. One
 GEMV timed alone (CUDA events) gives the kernel's own rate, apart from launch overheads.
 """
@@ -106,6 +106,7 @@ def measure(model_name, ops, prompt_tokens: int, decode_tokens: int) -> dict:
     (in host mode for the tests). Memory is what CuPy's pool holds (on a GPU)."""
     xp = ops.xp
     pool = xp.get_default_memory_pool() if xp is not np else None
+    graphs_setting = ops.graphs
     sync = xp.cuda.Device().synchronize if pool else (lambda: None)
     t0 = time.perf_counter()
     model = build(model_name, ops)
@@ -119,18 +120,27 @@ def measure(model_name, ops, prompt_tokens: int, decode_tokens: int) -> dict:
     t0 = time.perf_counter()
     token = int(xp.argmax(model.logits(ids, cache, last_only=True)[-1]))  # int() waits for the prefill
     prefill_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(decode_tokens):
-        token = int(xp.argmax(model.logits([token], cache, last_only=True)[-1]))  # one id comes back per step
-    decode_s = time.perf_counter() - t0
+    decode_s = {}
+    for graphs in (False, True):  # eager, then the same sequence continued through a CUDA graph
+        ops.graphs = graphs
+        ops.decode(model, token, cache)  # a graph is captured on its first step: not timed
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(decode_tokens):
+            token = int(xp.argmax(ops.decode(model, token, cache)[-1]))  # one id comes back per step
+        decode_s[graphs] = time.perf_counter() - t0
+    graphed = cache.graph is not None  # False for MoE models (routing reads its choices on the host)
     from refqwen.info import parameter_counts
 
+    ops.graphs = graphs_setting
     return dict(model=model_name if isinstance(model_name, str) else "config", backend=ops.name,
                 parameters_b=round(parameter_counts(model.config)["total"] / 1e9, 2),
                 load_s=round(load_s, 1), weights_gib=weights_gib and round(weights_gib, 2),
                 pool_gib=pool and round(pool.total_bytes() / 2**30, 2),
-                prefill_tok_s=round(prompt_tokens / prefill_s, 1), decode_tok_s=round(decode_tokens / decode_s, 1),
-                decode_gb_s=round(weight_bytes_per_token(model) * decode_tokens / decode_s / 1e9, 2))
+                prefill_tok_s=round(prompt_tokens / prefill_s, 1),
+                decode_tok_s=round(decode_tokens / decode_s[False], 1),
+                decode_graph_tok_s=round(decode_tokens / decode_s[True], 1) if graphed else None,
+                decode_gb_s=round(weight_bytes_per_token(model) * decode_tokens / min(decode_s.values()) / 1e9, 2))
 
 
 def main(argv=None):
@@ -162,11 +172,11 @@ def main(argv=None):
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(f"\n{'model':<12}{'backend':<20}{'params B':>9}{'load s':>8}{'weights GiB':>13}{'pool GiB':>10}"
-          f"{'prefill tok/s':>15}{'decode tok/s':>14}{'decode GB/s':>13}{'of copy BW':>12}")
+          f"{'prefill tok/s':>15}{'decode tok/s':>14}{'graph tok/s':>13}{'decode GB/s':>13}{'of copy BW':>12}")
     for r in rows:
         print(f"{r['model']:<12}{r['backend']:<20}{r['parameters_b']:>9}{r['load_s']:>8}{r['weights_gib']:>13}"
               f"{r['pool_gib']:>10}"
-              f"{r['prefill_tok_s']:>15}{r['decode_tok_s']:>14}{r['decode_gb_s']:>13}"
+              f"{r['prefill_tok_s']:>15}{r['decode_tok_s']:>14}{str(r['decode_graph_tok_s']):>13}{r['decode_gb_s']:>13}"
               f"{r['decode_fraction_of_copy_bandwidth']:>12.0%}")
     if args.json:
         with open(args.json, "w") as f:
