@@ -43,9 +43,8 @@ GRAPH_POSITIONS = 1024  # a DecodeGraph is built with room for this many more po
 KV_RESERVE_TOKENS = 4096  # check_fits keeps room for a KV cache of this many positions
 WORKSPACE_BYTES = 2 * 2**30  # and this much for activations, dequantized tiles and cuBLAS
 
-# storage -> (bytes per weight, bytes of scales per weight, element dtype on the device)
-STORAGE = {"int8-g32": (1, 4 / 32, np.int8), "int8-channel": (1, 0, np.int8),
-           "float16": (2, 0, np.float16), "bfloat16": (2, 0, np.uint16)}
+# storage -> (bytes per weight, bytes of scales per weight) on the device
+STORAGE = {"int8-g32": (1, 4 / 32), "int8-channel": (1, 0), "float16": (2, 0), "bfloat16": (2, 0)}
 
 
 @dataclass
@@ -454,7 +453,7 @@ def bytes_needed(config, storage: str, kv_tokens: int = KV_RESERVE_TOKENS) -> in
     kv_tokens positions, and the workspace."""
     from refqwen.weights import expected_shapes
 
-    per_weight, per_scale, _ = STORAGE[storage]
+    per_weight, per_scale = STORAGE[storage]
     total = 0
     for name, shape in expected_shapes(config).items():
         n = int(np.prod(shape))

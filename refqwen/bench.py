@@ -115,13 +115,14 @@ class RandomWeights(Mapping):
     def __init__(self, config, xp=np, seed: int = 0):
         from refqwen.weights import expected_shapes
 
-        self.shapes, self.xp, self.seed = expected_shapes(config), xp, seed
+        self.shapes, self.xp = expected_shapes(config), xp
+        self.seeds = {name: seed + i for i, name in enumerate(self.shapes)}  # each tensor its own stream
 
     def __getitem__(self, name):
         shape = self.shapes[name]
         if name.endswith("norm.weight"):
             return self.xp.ones(shape, np.float32)
-        rng = self.xp.random.default_rng(self.seed + list(self.shapes).index(name))
+        rng = self.xp.random.default_rng(self.seeds[name])
         return rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
 
     def __iter__(self):

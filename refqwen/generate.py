@@ -40,7 +40,7 @@ def next_token(logits: np.ndarray, history: list[int], s: Sampling, rng: np.rand
     probs = sampling_probs(logits, s)
     xp = array_module(probs)
     chosen = xp.searchsorted(np.cumsum(probs), xp.asarray([rng.random()]), side="right")  # [1]
-    return int(min(int(chosen[0]), len(probs) - 1))
+    return min(int(chosen[0]), len(probs) - 1)
 
 
 def penalize_repetition(logits: np.ndarray, history: list[int], penalty: float) -> np.ndarray:
