@@ -1,31 +1,32 @@
 """Pluggable implementations of the model's layer operations, picked by name.
 
-`Backend` in base.py lists what a backend provides; "numpy" is that class itself, the
-reference. `available()` says which backends can run on this machine and why the others
-cannot; `get(name)` makes one.
+`refqwen.model.ops.Backend` lists what a backend provides; "numpy" is that class itself, the
+reference, which lives with the model. This package holds only the accelerated backends.
+`available()` says which backends can run on this machine and why the others cannot;
+`get(name)` makes one.
 """
 
 import importlib
 
 from refqwen.errors import RefqwenError
 
-# name -> "module:class" below refqwen.backends
+# name -> "module:class"
 REGISTRY = {
-    "numpy": "base:Backend",
-    "numba-int8": "numba_int8:NumbaInt8Backend",
-    "numba-int8-channel": "numba_int8:NumbaInt8ChannelBackend",
-    "numba-int4": "numba_int8:NumbaInt4Backend",
-    "numba-w8a8": "numba_int8:NumbaW8A8Backend",
-    "cupy": "cupy_gpu:CupyBackend",
-    "cupy-int8-channel": "cupy_gpu:CupyInt8ChannelBackend",
-    "cupy-f16": "cupy_gpu:CupyF16Backend",
-    "cupy-bf16": "cupy_gpu:CupyBF16Backend",
+    "numpy": "refqwen.model.ops:Backend",
+    "numba-int8": "refqwen.backends.numba_int8:NumbaInt8Backend",
+    "numba-int8-channel": "refqwen.backends.numba_int8:NumbaInt8ChannelBackend",
+    "numba-int4": "refqwen.backends.numba_int8:NumbaInt4Backend",
+    "numba-w8a8": "refqwen.backends.numba_int8:NumbaW8A8Backend",
+    "cupy": "refqwen.backends.cupy_gpu:CupyBackend",
+    "cupy-int8-channel": "refqwen.backends.cupy_gpu:CupyInt8ChannelBackend",
+    "cupy-f16": "refqwen.backends.cupy_gpu:CupyF16Backend",
+    "cupy-bf16": "refqwen.backends.cupy_gpu:CupyBF16Backend",
 }
 
 
 def _backend_class(name: str):
     module, cls = REGISTRY[name].split(":")
-    return getattr(importlib.import_module(f"refqwen.backends.{module}"), cls)
+    return getattr(importlib.import_module(module), cls)
 
 
 def available() -> dict[str, str | None]:

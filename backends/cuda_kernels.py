@@ -143,7 +143,7 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
 
 // x [T, heads, D] -> y: x * cos + rotate_half(x) * sin, with rows first_row + t of cos/sin [rows, D];
 // first_row is read from the device when given (a captured decode step's position), else 0.
-// rotate_half pairs channel d with d + D/2 (the half-split layout). Rounded as refqwen/rope.py's
+// rotate_half pairs channel d with d + D/2 (the half-split layout). Rounded as refqwen/model/rope.py's
 // NumPy does: no fused multiply-add.
 extern "C" __global__ void rotary(const float* __restrict__ x, const float* __restrict__ cos,
                                   const float* __restrict__ sin, const int* __restrict__ first_row,
@@ -224,7 +224,7 @@ extern "C" __global__ void decode_attention(const float* __restrict__ q, const f
     for (int i = 0; i < per_lane; i++) out[(long)h * D + lane + 32 * i] = o[i] / l_all;
 }
 
-// y = silu(g) * u = g / (1 + exp(-g)) * u, as refqwen/mlp.py computes it; n elements
+// y = silu(g) * u = g / (1 + exp(-g)) * u, as refqwen/model/mlp.py computes it; n elements
 extern "C" __global__ void silu_mul(const float* __restrict__ g, const float* __restrict__ u, float* __restrict__ y,
                                     long n) {
     for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
@@ -351,7 +351,7 @@ class HostKernels:
         return y if bias is None else y + bias
 
     def rotary(self, x, cos, sin, first_row=None):
-        from refqwen.rope import apply_rotary
+        from refqwen.model.rope import apply_rotary
 
         start = 0 if first_row is None else int(first_row[0])
         return apply_rotary(x, cos[start:start + len(x)], sin[start:start + len(x)])
@@ -361,19 +361,19 @@ class HostKernels:
         values[:, int(position[0])] = v
 
     def decode_attention(self, q, keys, values, length, window, position=None):
-        from refqwen.attention import causal_attention
+        from refqwen.model.attention import causal_attention
 
         length = length if position is None else int(position[0]) + 1
         k, v = keys[:, :length].transpose(1, 0, 2), values[:, :length].transpose(1, 0, 2)  # [S, KV, D]
         return causal_attention(q[None], k, v, length - 1, window)[0]
 
     def rms_norm(self, x, w, eps):
-        from refqwen.norm import rms_norm
+        from refqwen.model.norm import rms_norm
 
         return rms_norm(x, w, eps)
 
     def silu_mul(self, gate, up):
-        from refqwen.mlp import silu
+        from refqwen.model.mlp import silu
 
         return silu(gate) * up
 

@@ -27,13 +27,13 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from refqwen.backends import cuda_kernels
-from refqwen.backends.base import Backend
 
 from refqwen import quant
 from refqwen.arrays import array_module, to_host
+from refqwen.backends import cuda_kernels
+from refqwen.checkpoint.weights import parameter_counts
 from refqwen.errors import RefqwenError, WeightsError
-from refqwen.info import parameter_counts
+from refqwen.model.ops import Backend
 from refqwen.quant import QUANTIZED, QuantizedWeight
 
 TILE_ROWS = 4096  # weight rows dequantized per cuBLAS call in prefill
@@ -179,7 +179,7 @@ class CupyBackend(Backend):
         return self.xp.asarray(tensor, np.float32)
 
     def new_cache(self, num_layers, num_kv_heads, head_dim):
-        return DeviceKVCache(self.xp, num_layers, num_kv_heads, head_dim)
+        return DeviceKVCache(self.xp, self.kernels, num_layers, num_kv_heads, head_dim)
 
     def to_host(self, x):
         return to_host(x)
@@ -226,19 +226,17 @@ class CupyBackend(Backend):
             self._rotary_device = (self.xp.asarray(cos, np.float32), self.xp.asarray(sin, np.float32))
         return self.kernels.rotary(x, *self._rotary_device)
 
-    def attention(self, q, k, v, cache: "DeviceLayerCache", window):
-        """Append k, v [T, KV, D]; causal attention of q [T, H, D] over the cache -> [T, H, D].
-        Exact softmax over all visible keys, for as many queries at a time as SCORE_BYTES allows."""
+    def attention(self, q, keys, values, start: int, window):
+        """Causal attention of q [T, H, D] at positions start .. over the cache's buffers keys, values
+        [KV, capacity, D] (DeviceLayerCache.append returns them whole: the decode kernel reads them in place)
+        -> [T, H, D]. Exact softmax over all visible keys, for as many queries at a time as SCORE_BYTES allows."""
         xp = self.xp
-        if self._step:  # a graph's step: the cache slot and the keys attended follow the device position
-            self.kernels.append_kv(k[0], v[0], cache.k, cache.v, self._step.position)
-            return self.kernels.decode_attention(q[0], cache.k, cache.v, 0, window, self._step.position)[None]
-        start = cache.length
-        keys, values = cache.append(k, v)  # [KV, S, D] each
+        if self._step:  # a graph's step: the keys attended follow the device position
+            return self.kernels.decode_attention(q[0], keys, values, 0, window, self._step.position)[None]
         T, H, D = q.shape
-        KV, S = keys.shape[:2]
+        KV, S = keys.shape[0], start + T
         if T == 1 and D % 32 == 0 and D <= cuda_kernels.ATTENTION_MAX_D:  # decode: one fused kernel
-            return self.kernels.decode_attention(q[0], cache.k, cache.v, S, window)[None]  # [1, H, D]
+            return self.kernels.decode_attention(q[0], keys, values, S, window)[None]  # [1, H, D]
         G = H // KV  # query heads per key/value head
         q = q.reshape(T, KV, G, D).transpose(1, 2, 0, 3) * np.float32(D ** -0.5)  # [KV, G, T, D]
         out = xp.empty((KV, G, T, D), np.float32)
@@ -338,7 +336,7 @@ class DecodeGraph:
     step runs the same code eagerly, and the tests check it against the reference."""
 
     def __init__(self, ops, model, cache, capacity: int):
-        from refqwen.rope import rotary_cos_sin
+        from refqwen.model.rope import rotary_cos_sin
 
         xp, cfg = ops.xp, model.config
         self.ops, self.model, self.cache, self.capacity = ops, model, cache, capacity
@@ -360,10 +358,14 @@ class DecodeGraph:
     def _run(self):
         """The step: the model's own code, with the backend reading token and position on the device."""
         self.ops._step = self
+        for layer in self.cache.layers:
+            layer.step = self
         try:
             logits = self.model.logits([0], self.cache, last_only=True)  # the token id comes from self.token
         finally:
             self.ops._step = None
+            for layer in self.cache.layers:
+                layer.step = None
         self.position += 1
         return logits
 
@@ -405,14 +407,18 @@ class DeviceLayerCache:
     """One layer's keys and values on the device, [KV, capacity, D] each (heads first, so each head's
     keys are one contiguous matrix for the products), grown by doubling."""
 
-    def __init__(self, xp, num_kv_heads: int, head_dim: int):
-        self.xp = xp
+    def __init__(self, xp, kernels, num_kv_heads: int, head_dim: int):
+        self.xp, self.kernels = xp, kernels
+        self.step = None  # the DecodeGraph whose step is running: appends go to its device position
         self.k = xp.empty((num_kv_heads, 0, head_dim), np.float32)
         self.v = xp.empty((num_kv_heads, 0, head_dim), np.float32)
         self.length = 0
 
     def append(self, k, v):
-        """Add k, v [T, KV, D]; return all keys and values so far, [KV, S + T, D] each (views)."""
+        """Add k, v [T, KV, D]; return the whole buffers [KV, capacity, D] (positions past S + T unused)."""
+        if self.step is not None:  # a graph's step: the slot written follows the device position
+            self.kernels.append_kv(k[0], v[0], self.k, self.v, self.step.position)
+            return self.k, self.v
         end = self.length + k.shape[0]
         if end > self.k.shape[1]:
             capacity = max(end, 2 * self.k.shape[1], 256)
@@ -420,7 +426,7 @@ class DeviceLayerCache:
         self.k[:, self.length:end] = self.xp.asarray(k).transpose(1, 0, 2)
         self.v[:, self.length:end] = self.xp.asarray(v).transpose(1, 0, 2)
         self.length = end
-        return self.k[:, :end], self.v[:, :end]
+        return self.k, self.v
 
     def reserve(self, capacity: int):
         """Room for `capacity` positions now, so that appends up to it keep the same buffers."""
@@ -439,8 +445,8 @@ class DeviceLayerCache:
 
 
 class DeviceKVCache:
-    def __init__(self, xp, num_layers: int, num_kv_heads: int, head_dim: int):
-        self.layers = [DeviceLayerCache(xp, num_kv_heads, head_dim) for _ in range(num_layers)]
+    def __init__(self, xp, kernels, num_layers: int, num_kv_heads: int, head_dim: int):
+        self.layers = [DeviceLayerCache(xp, kernels, num_kv_heads, head_dim) for _ in range(num_layers)]
         self.graph = None  # the DecodeGraph that decodes this sequence, once there is one
 
     @property
@@ -451,7 +457,7 @@ class DeviceKVCache:
 def bytes_needed(config, storage: str, kv_tokens: int = KV_RESERVE_TOKENS) -> int:
     """Device bytes to hold a model of this config with this weight storage, a float32 KV cache for
     kv_tokens positions, and the workspace."""
-    from refqwen.weights import expected_shapes
+    from refqwen.checkpoint.weights import expected_shapes
 
     per_weight, per_scale = STORAGE[storage]
     total = 0

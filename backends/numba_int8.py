@@ -20,10 +20,10 @@ attention and the MoE router stay in float32 (the reference's code).
 """
 
 import numpy as np
-from refqwen.backends.base import Backend
 
 from refqwen import quant
 from refqwen.errors import WeightsError
+from refqwen.model.ops import Backend
 from refqwen.quant import QUANTIZED, QuantizedInt4Weight, QuantizedWeight
 
 try:

@@ -1,11 +1,9 @@
 """refqwen: a readable NumPy reference of the Qwen2 model family, checked against transformers."""
 
-from refqwen.cache import KVCache
 from refqwen.compare import Report, compare
-from refqwen.config import Config
 from refqwen.errors import ConfigError, DemoModelError, RefqwenError, WeightsError
 from refqwen.loading import load
-from refqwen.model import Model
+from refqwen.model import Config, KVCache, Model
 from refqwen.perplexity import perplexity
 from refqwen.trace import Trace, load_trace, trace
 

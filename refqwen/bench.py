@@ -82,7 +82,7 @@ def _transformers_runner(model_path):
     torch.set_num_threads(os.cpu_count())
     path = Path(model_path)
     if model_path == "demo":
-        from refqwen.demo import demo_path
+        from refqwen.checkpoint.demo import demo_path
 
         path = demo_path(progress=False)
     if path.suffix == ".gguf":
@@ -113,7 +113,7 @@ class RandomWeights(Mapping):
     For speed and memory measurements only: the model's outputs mean nothing."""
 
     def __init__(self, config, xp=np, seed: int = 0):
-        from refqwen.weights import expected_shapes
+        from refqwen.checkpoint.weights import expected_shapes
 
         self.shapes, self.xp = expected_shapes(config), xp
         self.seeds = {name: seed + i for i, name in enumerate(self.shapes)}  # each tensor its own stream
@@ -136,7 +136,7 @@ def attention_peak_mib(lengths=(512, 1024, 2048, 4096), heads=14, kv_heads=2, he
     """Peak MiB allocated inside causal_attention (inputs excluded) for growing prompt lengths, beside
     the H x T x T score matrix a textbook implementation would hold. What grows here is only the
     O(T) output and its transposes; the score blocks stay the same size."""
-    from refqwen.attention import causal_attention
+    from refqwen.model.attention import causal_attention
 
     peaks = {}
     rng = np.random.default_rng(0)

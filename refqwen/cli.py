@@ -148,13 +148,13 @@ def cmd_quantize(args):
 
     keep = tuple(k.strip() for k in args.keep.split(",") if k.strip()) if args.keep else ()
     if args.gguf:
-        from refqwen.gguf_export import write_gguf_checkpoint
+        from refqwen.checkpoint.write_gguf import write_gguf_checkpoint
 
         if args.scheme != "int8-g32":
             raise RefqwenError(f"--gguf writes Q8_0, the GGUF form of int8-g32; got --scheme {args.scheme}")
         out = write_gguf_checkpoint(args.source, args.out, keep, args.force)
     else:
-        from refqwen.quantized_checkpoint import write_quantized_checkpoint
+        from refqwen.checkpoint.write_quantized import write_quantized_checkpoint
 
         if args.shard_mib <= 0:
             raise RefqwenError(f"--shard-mib: expected a positive size in MiB, got {args.shard_mib}")

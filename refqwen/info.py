@@ -1,23 +1,7 @@
 """What `refqwen info` reports: the config, parameter counts by module, and a memory estimate."""
 
-import math
-
-from refqwen.weights import expected_shapes
-
-GROUPS = {  # first matching name fragment -> module group
-    "embed_tokens": "embedding", "lm_head": "lm_head", "self_attn": "attention", "mlp.experts.": "moe experts",
-    "mlp.shared_expert": "moe shared", "mlp.gate.": "moe router", "mlp.": "mlp", "norm": "norms",
-}
-
-
-def parameter_counts(cfg) -> dict[str, int]:
-    """Parameters by module group (a tied lm_head is the embedding and is not counted twice)."""
-    counts = {}
-    for name, shape in expected_shapes(cfg).items():
-        group = next(g for fragment, g in GROUPS.items() if fragment in name)
-        counts[group] = counts.get(group, 0) + math.prod(shape)
-    counts["total"] = sum(counts.values())
-    return counts
+from refqwen.backends.cupy_gpu import VARIANTS, bytes_needed
+from refqwen.checkpoint.weights import parameter_counts
 
 
 def describe(model, context: int | None = None) -> dict:
@@ -37,6 +21,4 @@ def describe(model, context: int | None = None) -> dict:
 
 def gpu_memory_gib(cfg, context: int) -> dict[str, float]:
     """GPU memory each cupy backend needs for this model and context (weights, KV cache, workspace)."""
-    from refqwen.backends.cupy_gpu import VARIANTS, bytes_needed
-
     return {name: bytes_needed(cfg, cls.storage, context) / 2**30 for name, cls in VARIANTS.items()}

@@ -4,7 +4,7 @@ From the published config.json files (../shared/qwen2-notes.md): all have rope_t
 q/k/v biases and no sliding window; the 7B/72B Instruct models extend to 128K with YaRN (factor 4).
 """
 
-from refqwen.config import Config
+from refqwen.model.config import Config
 
 _DENSE = dict(architectures=["Qwen2ForCausalLM"], rope_theta=1000000.0, rms_norm_eps=1e-6,
               max_position_embeddings=32768, use_sliding_window=False, eos_token_id=151643)

@@ -114,57 +114,6 @@ def matches(name: str, glob: str) -> bool:
     return fnmatchcase(name, glob) and (not opt_in or "pattern" in glob)
 
 
-# ---- where trace points report ------------------------------------------------------------
-
-class TracePoints:
-    """One per model: its trace points report to `tracer`, None (nobody) unless a trace runs."""
-
-    def __init__(self):
-        self.tracer = None
-
-    def at(self, prefix: str) -> "Hook":
-        return Hook(self, prefix)
-
-
-class Hook:
-    """`hook(name, value)` reports value as prefix + name and returns it (or a hook's replacement)."""
-
-    __slots__ = ("points", "prefix")
-
-    def __init__(self, points: TracePoints, prefix: str):
-        self.points, self.prefix = points, prefix
-
-    def __call__(self, name: str, value):
-        tracer = self.points.tracer
-        return value if tracer is None else tracer.visit(self.prefix + name, value)
-
-    def wants(self, name: str) -> bool:
-        """Whether a running trace asks for this point (for points that cost something to compute)."""
-        tracer = self.points.tracer
-        return tracer is not None and tracer.wants(self.prefix + name)
-
-
-UNTRACED = Hook(TracePoints(), "")  # class default: routed experts and unattached modules report nowhere
-
-
-def attach_trace_points(model) -> TracePoints:
-    """Give the model (model.hook: embed, final_norm, logits) and each of its modules a hook that
-    reports under its own prefix, named as in the table above."""
-    from refqwen.moe import SparseMoE
-
-    points = TracePoints()
-    model.hook = points.at("")
-    for i, layer in enumerate(model.layers):
-        layer.hook = points.at(f"layers.{i}.")
-        layer.attn.hook = points.at(f"layers.{i}.attn.")
-        if isinstance(layer.mlp, SparseMoE):
-            layer.mlp.hook = points.at(f"layers.{i}.moe.")
-            layer.mlp.shared_expert.hook = points.at(f"layers.{i}.moe.shared_expert.")
-        else:
-            layer.mlp.hook = points.at(f"layers.{i}.mlp.")
-    return points
-
-
 # ---- listening ----------------------------------------------------------------------------
 
 class Tracer:

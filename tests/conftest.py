@@ -62,7 +62,7 @@ def hf():
     """(tokenizer, model) of transformers loading the same demo GGUF, dequantized to float32."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    from refqwen.demo import demo_path
+    from refqwen.checkpoint.demo import demo_path
 
     path = demo_path(progress=False)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

@@ -3,8 +3,8 @@
 import gguf
 import numpy as np
 
-from refqwen.gguf_checkpoint import GLOBAL_NAMES, LAYER_NAMES, STACKED_EXPERTS
-from refqwen.gguf_export import add_hparams
+from refqwen.checkpoint.gguf import GLOBAL_NAMES, LAYER_NAMES, STACKED_EXPERTS
+from refqwen.checkpoint.write_gguf import add_hparams
 
 
 def write_gguf(path, cfg, weights: dict) -> None:

@@ -58,7 +58,7 @@ def hf_logits(model, ids) -> np.ndarray:
 
 def random_weights(cfg, seed: int = 0) -> dict:
     """refqwen weights for `cfg` drawn like build_hf_model's, without transformers."""
-    from refqwen.weights import expected_shapes
+    from refqwen.checkpoint.weights import expected_shapes
 
     rng = np.random.default_rng(seed)
     return {name: ((1.0 if name.endswith("norm.weight") else 0.0) + 0.2 * rng.standard_normal(shape)).astype(np.float32)

@@ -5,8 +5,8 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from refqwen.attention import causal_attention
-from refqwen.moe import softmax
+from refqwen.model.attention import causal_attention
+from refqwen.model.moe import softmax
 
 
 def textbook_attention(q, k, v, start, window):

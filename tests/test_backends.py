@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from refqwen.backends import cuda_kernels, cupy_gpu
-from refqwen.backends.base import Backend
 
 from refqwen import backends, quant
+from refqwen.backends import cuda_kernels, cupy_gpu
+from refqwen.model.ops import Backend
 
 HOST_MODE = " (host mode)"  # a cupy backend with NumPy and the kernels' NumPy twins standing in for the GPU
 NAMES = ([name for name, why in backends.available().items() if why is None]
@@ -245,7 +245,8 @@ def test_attention_over_cache(name, T, past, KV, ratio, D, window, mag, seed):
         cache = backend.new_cache(1, KV, D).layers[0]
         if past:
             cache.append(on(backend, k[:past]), on(backend, v[:past]))
-        z = backend.attention(on(backend, q), on(backend, k[past:]), on(backend, v[past:]), cache, window)
+        keys, values = cache.append(on(backend, k[past:]), on(backend, v[past:]))
+        z = backend.attention(on(backend, q), keys, values, past, window)
         results.append(off(backend, z))
     # Each side rounds a score q.k/sqrt(D) by at most (D + 2) eps sum_d |q_d k_d| / sqrt(D) (a float32 dot
     # product, then the scale); softmax weights move by at most twice the score error (relative), so the

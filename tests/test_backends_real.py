@@ -3,12 +3,12 @@
 import textwrap
 
 import pytest
-from refqwen.backends import cupy_gpu
 
 import refqwen
 from refqwen import backends
+from refqwen.backends import cupy_gpu
+from refqwen.checkpoint.open import open_checkpoint
 from refqwen.evaluate import agreement
-from refqwen.loading import open_checkpoint
 
 HOST_MODE = " (host mode)"  # the cupy backends' array logic and kernel twins on NumPy: tests/test_backends.py
 NAMES = ([name for name, why in backends.available().items() if why is None and name != "numpy"]

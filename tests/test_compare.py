@@ -10,12 +10,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from oracle import CONFIGS, build_hf_model, random_weights, tiny_config
-from refqwen.backends.base import Backend
+from oracle import CONFIGS, LOGITS_ATOL, build_hf_model, random_weights, tiny_config
 
 import refqwen
 from refqwen import RefqwenError, Trace, compare, trace
 from refqwen.hf_trace import trace_transformers
+from refqwen.model.ops import Backend
 from refqwen.trace import point_names
 
 PERTURB_KINDS = ["dense-untied", "moe-step2-mlp-only"]
@@ -79,9 +79,11 @@ def test_transformers_traces_match(kind, tiny_hf, rng):
     ids = rng.integers(0, 128, 40)
     ours, theirs = trace(model, ids), trace_transformers(hf, ids)
     assert list(theirs) == list(ours) == [n for n in point_names(model.config) if "pattern" not in n]
-    report = compare(ours, theirs)  # atol 1e-4 + rtol 1e-4
+    report = compare(ours, theirs)  # atol 1e-4 + rtol 1e-4 at every point
     assert report.ok, str(report)
-    assert max(p.max_abs for p in report.points) < 1e-4
+    # the oracle's logits tolerance (tests/oracle.py) applies to the logits; the residual stream grows to ~30
+    # by the last layer, where float32 summation-order differences reach ~1e-4 absolute (~4e-6 relative)
+    assert next(p for p in report.points if p.name == "logits").max_abs < LOGITS_ATOL
 
 
 def test_transformers_attention_pattern_under_eager_attention(rng):

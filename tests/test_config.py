@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from refqwen import Config, ConfigError
-from refqwen.rope import yarn_attention_factor, yarn_correction_range
+from refqwen.model.rope import yarn_attention_factor, yarn_correction_range
 
 QWEN2_7B = dict(architectures=["Qwen2ForCausalLM"], hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                 num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, rms_norm_eps=1e-6,

@@ -13,11 +13,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from oracle import random_weights, tiny_config
-from refqwen.backends import cuda_kernels, cupy_gpu
-from refqwen.backends.cupy_gpu import CupyBackend, CupyBF16Backend, CupyF16Backend, CupyInt8ChannelBackend
 from test_backends import gpu_linear_bound
 
 from refqwen import quant
+from refqwen.backends import cuda_kernels, cupy_gpu
+from refqwen.backends.cupy_gpu import CupyBackend, CupyBF16Backend, CupyF16Backend, CupyInt8ChannelBackend
 from refqwen.errors import RefqwenError, WeightsError
 from refqwen.model import Model
 from refqwen.published import published_config
@@ -134,7 +134,7 @@ def test_fit_check_runs_before_loading(tmp_path, wide_source, monkeypatch):
 
     monkeypatch.setattr(backends, "get", lambda name: CupyF16Backend(host=True, free_bytes=2**20))
     read = []
-    monkeypatch.setattr(refqwen.model.Model, "__init__", lambda *a, **k: read.append(a))
+    monkeypatch.setattr(refqwen.model.model.Model, "__init__", lambda *a, **k: read.append(a))
     with pytest.raises(RefqwenError, match=r"wide.*: does not fit on the GPU with backend cupy-f16"):
         refqwen.load(wide_source, backend="cupy-f16", progress=False)
     assert not read
@@ -169,7 +169,8 @@ def test_device_cache_keeps_the_sequence():
     for T in (5, 300, 1, 400):
         k = rng.standard_normal((T, 3, 8)).astype(np.float32)
         keys.append(k)
-        got_k, got_v = cache.append(k, -k)
+        got_k, got_v = cache.append(k, -k)  # the whole buffers, [KV, capacity, D]
+        got_k, got_v = got_k[:, :cache.length], got_v[:, :cache.length]
         expected = np.concatenate(keys).transpose(1, 0, 2)  # [KV, S, D]
         assert np.array_equal(got_k, expected) and np.array_equal(got_v, -expected)
     assert cache.length == 706 and np.array_equal(cache.keys[:706], np.concatenate(keys))

@@ -8,8 +8,8 @@ import pytest
 
 import refqwen
 from refqwen import RefqwenError
-from refqwen.gguf_export import Q8_0, write_gguf_checkpoint
-from refqwen.loading import open_checkpoint
+from refqwen.checkpoint.open import open_checkpoint
+from refqwen.checkpoint.write_gguf import Q8_0, write_gguf_checkpoint
 
 
 @pytest.fixture(scope="module", params=["dense-untied", "wide-moe"])
@@ -117,7 +117,7 @@ def test_a_quantized_gguf_is_a_source_too(tiny_hf, tmp_path):
 
     from safetensors import safe_open
 
-    from refqwen.quantized_checkpoint import write_quantized_checkpoint
+    from refqwen.checkpoint.write_quantized import write_quantized_checkpoint
 
     src = write_gguf_checkpoint(tiny_hf("dense-untied")[1], tmp_path / "a.gguf", progress=False)
     out = write_quantized_checkpoint(src, tmp_path / "q", "int4-g32", progress=False)

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from oracle import random_weights, tiny_config
-from refqwen.backends import cuda_kernels, cupy_gpu
 
 from refqwen import backends
+from refqwen.backends import cuda_kernels, cupy_gpu
 from refqwen.generate import Sampling, next_token
 from refqwen.model import Model
 from refqwen.published import published_config

@@ -28,7 +28,7 @@ def test_the_configs_exercise_what_they_claim(tiny_hf):
 
 def test_a_planted_bug_is_caught(tiny_hf, rng, monkeypatch):
     """The oracle test can fail: interleaved rotary pairs (llama2.c style) instead of half-split."""
-    from refqwen.backends import base
+    from refqwen.model import ops as base
 
     def interleaved(x, cos, sin):
         pairs = x.reshape(*x.shape[:-1], -1, 2)  # [T, H, D/2, 2]

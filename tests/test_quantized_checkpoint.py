@@ -4,14 +4,14 @@ import json
 
 import numpy as np
 import pytest
-from refqwen.backends.numba_int8 import NumbaInt4Backend
 from safetensors.numpy import load_file, save_file
 
 import refqwen
 from refqwen import RefqwenError, WeightsError, quant
-from refqwen.loading import open_checkpoint
+from refqwen.backends.numba_int8 import NumbaInt4Backend
+from refqwen.checkpoint.open import open_checkpoint
+from refqwen.checkpoint.write_quantized import write_quantized_checkpoint
 from refqwen.model import Model
-from refqwen.quantized_checkpoint import write_quantized_checkpoint
 
 BACKEND_OF = {"int8-g32": "numba-int8", "int8-channel": "numba-int8-channel", "int4-g32": "numba-int4",
               "int4-g128": "numba-int4"}
@@ -102,7 +102,7 @@ def test_refusals_leave_nothing_behind(source, misaligned, tmp_path, monkeypatch
     with pytest.raises(RefqwenError, match="no such file"):
         write_quantized_checkpoint(tmp_path / "missing", tmp_path / "q", progress=False)
 
-    import refqwen.quantized_checkpoint as module
+    import refqwen.checkpoint.write_quantized as module
 
     def fail(*args, **kwargs):
         raise OSError("disk full")

@@ -59,8 +59,7 @@ def weight_bytes_per_token(model) -> float:
     """Bytes of projection weights one decode step reads: every dense weight once, the routed
     experts in proportion top_k / num_experts (what a token's routing reads on average)."""
     from refqwen.backends.cupy_gpu import DeviceWeight
-
-    from refqwen.moe import SparseMoE
+    from refqwen.model.moe import SparseMoE
 
     def nbytes(block, share=1.0):
         return share * sum(w.nbytes for w in vars(block).values() if isinstance(w, DeviceWeight))
@@ -130,7 +129,7 @@ def measure(model_name, ops, prompt_tokens: int, decode_tokens: int) -> dict:
             token = int(xp.argmax(ops.decode(model, token, cache)[-1]))  # one id comes back per step
         decode_s[graphs] = time.perf_counter() - t0
     graphed = cache.graph is not None  # False for MoE models (routing reads its choices on the host)
-    from refqwen.info import parameter_counts
+    from refqwen.checkpoint.weights import parameter_counts
 
     ops.graphs = graphs_setting
     return dict(model=model_name if isinstance(model_name, str) else "config", backend=ops.name,

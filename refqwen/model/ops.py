@@ -10,14 +10,14 @@ Shapes: T tokens, C hidden size, H query heads, KV key/value heads, D head size.
 
 import numpy as np
 
-from refqwen.attention import causal_attention
-from refqwen.cache import KVCache, LayerCache
-from refqwen.linear import linear
-from refqwen.mlp import silu
-from refqwen.moe import dispatch_experts
-from refqwen.norm import rms_norm
+from refqwen.model.attention import causal_attention
+from refqwen.model.cache import KVCache
+from refqwen.model.linear import linear
+from refqwen.model.mlp import silu
+from refqwen.model.moe import dispatch_experts
+from refqwen.model.norm import rms_norm
+from refqwen.model.rope import apply_rotary
 from refqwen.quant import QUANTIZED
-from refqwen.rope import apply_rotary
 
 
 class Backend:
@@ -86,11 +86,9 @@ class Backend:
     def new_cache(self, num_layers: int, num_kv_heads: int, head_dim: int) -> KVCache:
         return KVCache(num_layers, num_kv_heads, head_dim)
 
-    def attention(self, q, k, v, cache: LayerCache, window: int | None) -> np.ndarray:
-        """Append k, v [T, KV, D] to the layer's cache, then causal attention of q [T, H, D] over
-        everything cached -> [T, H, D]."""
-        start = cache.length
-        keys, values = cache.append(k, v)
+    def attention(self, q, keys, values, start: int, window: int | None) -> np.ndarray:
+        """Causal attention of q [T, H, D] at positions start .. start+T-1 over keys, values [S, KV, D]
+        (what the layer's cache.append returned: every position so far) -> [T, H, D]."""
         return causal_attention(q, keys, values, start, window)
 
     def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:

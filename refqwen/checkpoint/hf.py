@@ -14,16 +14,16 @@ from pathlib import Path
 
 import numpy as np
 
-from refqwen.config import Config
+from refqwen.checkpoint.quantized import quantized_readers
+from refqwen.checkpoint.weights import LazyWeights, check_shapes
 from refqwen.errors import WeightsError
-from refqwen.quantized_checkpoint import quantized_readers
+from refqwen.model.config import Config
 from refqwen.tokenizer import Tokenizer
-from refqwen.weights import LazyWeights, check_shapes
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16,  # BF16 read as raw 16-bit words
-          "I8": np.int8, "U8": np.uint8}  # quantized checkpoints (refqwen/quantized_checkpoint.py)
+          "I8": np.int8, "U8": np.uint8}  # quantized checkpoints (refqwen/checkpoint/quantized.py)
 
 
 def load_hf_folder(folder) -> tuple[Config, LazyWeights, Tokenizer | None]:

@@ -7,8 +7,8 @@ O(block x block) per head whatever the prompt length, never the full T x S matri
 
 import numpy as np
 
-from refqwen.cache import LayerCache
-from refqwen.trace import UNTRACED
+from refqwen.model.cache import LayerCache
+from refqwen.model.hooks import UNTRACED
 
 BLOCK = 256  # queries and keys per block: scores use KV x G x 256 x 256 floats at most
 
@@ -42,10 +42,11 @@ class Attention:
         k = hook("k", ops.linear(x, self.k_proj, self.k_bias).reshape(T, self.num_kv_heads, -1))  # [T, KV, D]
         v = hook("v", ops.linear(x, self.v_proj, self.v_bias).reshape(T, self.num_kv_heads, -1))  # [T, KV, D]
         q, k = hook("q_rot", ops.apply_rotary(q, cos, sin)), hook("k_rot", ops.apply_rotary(k, cos, sin))
+        start = cache.length  # position of the first new token
+        keys, values = cache.append(k, v)  # every position so far, the T new ones last
         if hook.wants("pattern"):  # opt-in: the blocked attention below never forms this [H, T, S] matrix
-            keys = np.concatenate([cache.keys[:cache.length], k])  # [S, KV, D]: cached keys, then the new ones
-            hook("pattern", attention_pattern(q, keys, cache.length, window))
-        z = hook("z", ops.attention(q, k, v, cache, window))  # [T, H, D]: appends k, v to the cache, then attends
+            hook("pattern", attention_pattern(q, cache.keys[:cache.length], start, window))
+        z = hook("z", ops.attention(q, keys, values, start, window))  # [T, H, D]
         return hook("out", ops.linear(z.reshape(T, -1), self.o_proj))
 
 

@@ -16,9 +16,10 @@ import gguf
 import numpy as np
 from tqdm import tqdm
 
+from refqwen.checkpoint.gguf import GLOBAL_NAMES, LAYER_NAMES, STACKED_EXPERTS, open_gguf
+from refqwen.checkpoint.open import open_checkpoint
+from refqwen.checkpoint.quantized import is_quantized_name, kept_names
 from refqwen.errors import RefqwenError
-from refqwen.gguf_checkpoint import GLOBAL_NAMES, LAYER_NAMES, STACKED_EXPERTS
-from refqwen.quantized_checkpoint import is_quantized_name, kept_names
 
 Q8_0 = gguf.GGMLQuantizationType.Q8_0
 BLOCK = 32  # values per Q8_0 block, along a row
@@ -28,8 +29,6 @@ TO_GGUF_GLOBAL = {hf: g for g, hf in GLOBAL_NAMES.items()}
 
 def write_gguf_checkpoint(source, out, keep=(), force: bool = False, progress: bool = True) -> Path:
     """Quantize `source` (folder, .gguf or "demo") into the Q8_0 GGUF file `out`."""
-    from refqwen.loading import open_checkpoint
-
     out = Path(out)
     if out.suffix != ".gguf":
         raise RefqwenError(f"--gguf: the output {out} must end in .gguf")
@@ -139,8 +138,6 @@ def add_hparams(writer: gguf.GGUFWriter, cfg) -> None:
 def add_tokenizer(writer: gguf.GGUFWriter, path: Path, tokenizer, vocab_size: int) -> None:
     """The source's tokenizer.* keys: copied from a GGUF source, rebuilt from a tokenizer.json folder."""
     if path.suffix == ".gguf":
-        from refqwen.gguf_checkpoint import open_gguf
-
         reader = open_gguf(path)
         for key, field in reader.fields.items():
             if key.startswith("tokenizer."):

@@ -7,9 +7,9 @@
 
 import numpy as np
 
-from refqwen.linear import linear
-from refqwen.mlp import MLP
-from refqwen.trace import UNTRACED
+from refqwen.model.hooks import UNTRACED
+from refqwen.model.linear import linear
+from refqwen.model.mlp import MLP
 
 
 def softmax(x: np.ndarray) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from refqwen.trace import UNTRACED
+from refqwen.model.hooks import UNTRACED
 
 
 def silu(x: np.ndarray) -> np.ndarray:

@@ -5,12 +5,13 @@ Every loader (safetensors folders, GGUF files) maps its tensors onto these names
 model code sees one naming whatever the file format.
 """
 
+import math
 from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from refqwen.config import Config
 from refqwen.errors import WeightsError
+from refqwen.model.config import Config
 
 
 def expected_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
@@ -89,3 +90,19 @@ class LazyWeights(Mapping):
 
     def __len__(self) -> int:
         return len(self.readers)
+
+
+GROUPS = {  # first matching name fragment -> module group
+    "embed_tokens": "embedding", "lm_head": "lm_head", "self_attn": "attention", "mlp.experts.": "moe experts",
+    "mlp.shared_expert": "moe shared", "mlp.gate.": "moe router", "mlp.": "mlp", "norm": "norms",
+}
+
+
+def parameter_counts(cfg) -> dict[str, int]:
+    """Parameters by module group (a tied lm_head is the embedding and is not counted twice)."""
+    counts = {}
+    for name, shape in expected_shapes(cfg).items():
+        group = next(g for fragment, g in GROUPS.items() if fragment in name)
+        counts[group] = counts.get(group, 0) + math.prod(shape)
+    counts["total"] = sum(counts.values())
+    return counts

@@ -6,15 +6,15 @@
 
 import numpy as np
 
-from refqwen.attention import Attention
-from refqwen.backends.base import Backend
-from refqwen.cache import KVCache
-from refqwen.config import Config
 from refqwen.errors import RefqwenError
-from refqwen.mlp import MLP
-from refqwen.moe import SparseMoE
-from refqwen.rope import rotary_cos_sin
-from refqwen.trace import UNTRACED, attach_trace_points
+from refqwen.model.attention import Attention
+from refqwen.model.cache import KVCache
+from refqwen.model.config import Config
+from refqwen.model.hooks import UNTRACED, TracePoints
+from refqwen.model.mlp import MLP
+from refqwen.model.moe import SparseMoE
+from refqwen.model.ops import Backend
+from refqwen.model.rope import rotary_cos_sin
 
 
 class DecoderLayer:
@@ -119,3 +119,19 @@ class Model:
         if bad.size:
             raise RefqwenError(f"token id {int(bad[0])} is outside the vocabulary [0, {self.config.vocab_size})")
         return ids
+
+
+def attach_trace_points(model) -> TracePoints:
+    """Give the model (model.hook: embed, final_norm, logits) and each of its modules a hook that
+    reports under its own prefix, named as in the table in refqwen/trace.py."""
+    points = TracePoints()
+    model.hook = points.at("")
+    for i, layer in enumerate(model.layers):
+        layer.hook = points.at(f"layers.{i}.")
+        layer.attn.hook = points.at(f"layers.{i}.attn.")
+        if isinstance(layer.mlp, SparseMoE):
+            layer.mlp.hook = points.at(f"layers.{i}.moe.")
+            layer.mlp.shared_expert.hook = points.at(f"layers.{i}.moe.shared_expert.")
+        else:
+            layer.mlp.hook = points.at(f"layers.{i}.mlp.")
+    return points

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from refqwen import rope
 from refqwen.errors import ConfigError
+from refqwen.model import rope
 
 # Hugging Face class name -> our model_type; GGUF general.architecture -> our model_type.
 HF_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen2MoeForCausalLM": "qwen2_moe"}

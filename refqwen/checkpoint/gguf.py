@@ -14,10 +14,10 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from refqwen.config import Config
+from refqwen.checkpoint.weights import LazyWeights, check_shapes
 from refqwen.errors import WeightsError
+from refqwen.model.config import Config
 from refqwen.tokenizer import Tokenizer
-from refqwen.weights import LazyWeights, check_shapes
 
 # GGUF tensor name (after "blk.N.") -> Hugging Face name (after "model.layers.N.")
 LAYER_NAMES = {
