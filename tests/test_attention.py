@@ -4,13 +4,20 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from refqwen.model.attention import causal_attention
+from refqwen.model.attention import attention_pattern, causal_attention, textbook_attention
 from refqwen.model.moe import softmax
 
+# float32 sums in a different order (online vs one softmax, blocked vs whole matmuls): errors of a few
+# ulps of values of magnitude ~3 (q and k drawn with std 3, v with std 1, softmax weights <= 1)
+ATOL = 1e-5
 
-def textbook_attention(q, k, v, start, window):
-    """softmax(q kᵀ / sqrt(D) + mask) v with the full score matrix, head by head."""
+
+def per_head_attention(q, k, v, start, window):
+    """softmax(q kᵀ / sqrt(D) + mask) v written a third way, one head at a time with moe.softmax:
+    a check on textbook_attention that shares none of its code."""
     T, H, D = q.shape
     S, KV, _ = k.shape
     q_pos, k_pos = np.arange(start, start + T)[:, None], np.arange(S)[None, :]
@@ -33,8 +40,38 @@ def test_blocked_equals_textbook(T, S, H, KV, window, block):
     k = rng.standard_normal((S, KV, 16)).astype(np.float32) * 3
     v = rng.standard_normal((S, KV, 16)).astype(np.float32)
     got = causal_attention(q, k, v, S - T, window, block=block)
-    # float32 sums in a different order: errors of a few ulps of values of magnitude ~3
-    np.testing.assert_allclose(got, textbook_attention(q, k, v, S - T, window), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got, textbook_attention(q, k, v, S - T, window), rtol=0, atol=ATOL)
+
+
+@st.composite
+def attention_inputs(draw):
+    """Random shapes (GQA ratios 1-4, caches longer than the new tokens, windows shorter than both)."""
+    KV, G, D = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.sampled_from([2, 8, 16]))
+    S = draw(st.integers(1, 40))
+    T = draw(st.integers(1, S))
+    window = draw(st.none() | st.integers(1, S + 2))
+    block = draw(st.integers(1, 12))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    q = (3 * rng.standard_normal((T, KV * G, D))).astype(np.float32)
+    k = (3 * rng.standard_normal((S, KV, D))).astype(np.float32)
+    v = rng.standard_normal((S, KV, D)).astype(np.float32)
+    return q, k, v, S - T, window, block
+
+
+@settings(max_examples=60, deadline=None)
+@given(attention_inputs())
+def test_textbook_equals_blocked_and_per_head(inputs):
+    """The equality attention.py states: causal_attention (blocked, online softmax) = textbook_attention
+    (one softmax over the whole masked score matrix), and both = the per-head formula above."""
+    q, k, v, start, window, block = inputs
+    textbook = textbook_attention(q, k, v, start, window)
+    np.testing.assert_allclose(causal_attention(q, k, v, start, window, block=block), textbook, rtol=0, atol=ATOL)
+    np.testing.assert_allclose(per_head_attention(q, k, v, start, window), textbook, rtol=0, atol=ATOL)
+    pattern = attention_pattern(q, k, start, window)  # [H, T, S]
+    np.testing.assert_allclose(pattern.sum(axis=-1), 1, rtol=0, atol=1e-6)  # float32 sums of at most 40 terms
+    q_pos, k_pos = np.arange(start, start + len(q))[:, None], np.arange(len(k))[None, :]
+    hidden = (k_pos > q_pos) | ((q_pos - k_pos >= window) if window else False)
+    assert np.all(pattern[:, hidden] == 0)  # masked keys get exactly zero weight
 
 
 def peak_bytes(T, H=4, KV=2, D=16):

@@ -28,14 +28,14 @@ def test_the_configs_exercise_what_they_claim(tiny_hf):
 
 def test_a_planted_bug_is_caught(tiny_hf, rng, monkeypatch):
     """The oracle test can fail: interleaved rotary pairs (llama2.c style) instead of half-split."""
-    from refqwen.model import ops as base
+    from refqwen.model.ops import Backend
 
     def interleaved(x, cos, sin):
         pairs = x.reshape(*x.shape[:-1], -1, 2)  # [T, H, D/2, 2]
         rotated = np.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
         return x * cos[:, None, :] + rotated * sin[:, None, :]
 
-    monkeypatch.setattr(base, "apply_rotary", interleaved)
+    monkeypatch.setattr(Backend, "apply_rotary", staticmethod(interleaved))
     hf, folder = tiny_hf("dense-untied")
     ids = rng.integers(0, 128, 20)
     error = np.abs(refqwen.load(folder, progress=False).forward(ids) - hf_logits(hf, ids)).max()

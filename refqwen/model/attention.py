@@ -1,8 +1,16 @@
 """Grouped-query self-attention with rotary positions, a KV cache and bounded memory.
 
-Scores are computed one block of queries against one block of keys at a time, with a
-running ("online") softmax, as in FlashAttention: memory for scores is
-O(block x block) per head whatever the prompt length, never the full T x S matrix.
+Shapes: T new tokens, S positions in the cache (earlier ones plus the T new ones), C hidden
+size, H query heads, KV key/value heads, G = H / KV query heads sharing one key/value head,
+D head size.
+
+    attention(q, K, V) = softmax(q Kᵀ / sqrt(D) + mask) V
+
+`textbook_attention` computes exactly that, with one softmax over the full [H, T, S] score
+matrix. `causal_attention`, which the model runs, computes the same thing one block of queries
+against one block of keys at a time, with a running ("online") softmax as in FlashAttention:
+memory for scores is O(block x block) per head whatever the prompt length. The two agree to
+float32 rounding (tests/test_attention.py checks it on random shapes with hypothesis).
 """
 
 import numpy as np
@@ -41,17 +49,48 @@ class Attention:
         q = hook("q", ops.linear(x, self.q_proj, self.q_bias).reshape(T, self.num_heads, -1))  # [T, H, D]
         k = hook("k", ops.linear(x, self.k_proj, self.k_bias).reshape(T, self.num_kv_heads, -1))  # [T, KV, D]
         v = hook("v", ops.linear(x, self.v_proj, self.v_bias).reshape(T, self.num_kv_heads, -1))  # [T, KV, D]
-        q, k = hook("q_rot", ops.apply_rotary(q, cos, sin)), hook("k_rot", ops.apply_rotary(k, cos, sin))
+        q = hook("q_rot", ops.apply_rotary(q, cos, sin))  # [T, H, D]
+        k = hook("k_rot", ops.apply_rotary(k, cos, sin))  # [T, KV, D]
         start = cache.length  # position of the first new token
-        keys, values = cache.append(k, v)  # every position so far, the T new ones last
+        keys, values = cache.append(k, v)  # [S, KV, D] each: every position so far, the T new ones last
         if hook.wants("pattern"):  # opt-in: the blocked attention below never forms this [H, T, S] matrix
-            hook("pattern", attention_pattern(q, cache.keys[:cache.length], start, window))
+            hook("pattern", attention_pattern(q, keys, start, window))
         z = hook("z", ops.attention(q, keys, values, start, window))  # [T, H, D]
         return hook("out", ops.linear(z.reshape(T, -1), self.o_proj))
 
 
+def textbook_attention(q, k, v, start: int, window: int | None = None) -> np.ndarray:
+    """softmax(q kᵀ / sqrt(D) + mask) v with the whole score matrix at once: the definition.
+
+    q [T, H, D] at positions start .. start+T-1; k, v [S, KV, D] at positions 0 .. S-1.  -> [T, H, D]
+    Holds an [H, T, S] matrix, so the model runs causal_attention instead, which gives the same result.
+    """
+    p = attention_pattern(q, k, start, window)  # [H, T, S], each row sums to 1
+    v = np.repeat(v, q.shape[1] // v.shape[1], axis=1)  # [S, H, D]: query head h reads value head h // G
+    return np.einsum("hts,shd->thd", p, v)  # [T, H, D]
+
+
+def attention_pattern(q, k, start: int, window: int | None = None) -> np.ndarray:
+    """The attention weights softmax(q kᵀ / sqrt(D) + mask), one [T, S] matrix per query head.
+
+    q [T, H, D] at positions start .. start+T-1; k [S, KV, D] at positions 0 .. S-1.  -> [H, T, S]
+    A query at position i sees key j iff j <= i and, with a window, i - j < window.
+    """
+    T, H, D = q.shape
+    S, KV = k.shape[:2]
+    k = np.repeat(k, H // KV, axis=1)  # [S, H, D]: query head h reads key head h // G
+    scores = np.einsum("thd,shd->hts", q * np.float32(D ** -0.5), k)  # [H, T, S]
+    q_pos, k_pos = np.arange(start, start + T), np.arange(S)
+    visible = k_pos[None, :] <= q_pos[:, None]  # [T, S]
+    if window is not None:
+        visible &= q_pos[:, None] - k_pos[None, :] < window
+    scores = np.where(visible, scores, -np.inf)
+    p = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return p / p.sum(axis=-1, keepdims=True)
+
+
 def causal_attention(q, k, v, start: int, window: int | None = None, block: int = BLOCK) -> np.ndarray:
-    """softmax(q kᵀ / sqrt(D) + mask) v, block by block.
+    """textbook_attention, block by block: softmax(q kᵀ / sqrt(D) + mask) v without the [H, T, S] matrix.
 
     q [T, H, D] at positions start .. start+T-1; k, v [S, KV, D] at positions 0 .. S-1.
     Query head h reads key/value head h // (H / KV). A query at position i sees key j iff
@@ -67,24 +106,6 @@ def causal_attention(q, k, v, start: int, window: int | None = None, block: int 
         t1 = min(t0 + block, T)
         out[:, :, t0:t1] = _attend_block(q[:, :, t0:t1], k, v, np.arange(start + t0, start + t1), window, block)
     return out.transpose(2, 0, 1, 3).reshape(T, H, D)  # [T, H, D]
-
-
-def attention_pattern(q, k, start: int, window: int | None = None) -> np.ndarray:
-    """The attention weights causal_attention applies, as one matrix (for tracing, not for running).
-
-    q [T, H, D] at positions start .. start+T-1; k [S, KV, D] at positions 0 .. S-1.  -> [H, T, S]
-    """
-    T, H, D = q.shape
-    S, KV = k.shape[:2]
-    k = np.repeat(k, H // KV, axis=1)  # [S, H, D]: query head h reads key head h // G
-    scores = np.einsum("thd,shd->hts", q * np.float32(D ** -0.5), k)  # [H, T, S]
-    q_pos, k_pos = np.arange(start, start + T), np.arange(S)
-    visible = k_pos[None, :] <= q_pos[:, None]  # [T, S]
-    if window is not None:
-        visible &= q_pos[:, None] - k_pos[None, :] < window
-    scores = np.where(visible, scores, -np.inf)
-    p = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    return p / p.sum(axis=-1, keepdims=True)
 
 
 def _attend_block(q, k, v, q_pos, window, block):

@@ -11,6 +11,11 @@ def silu(x: np.ndarray) -> np.ndarray:
         return x / (np.float32(1) + np.exp(-x))
 
 
+def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """The gated activation: silu(gate) * up, both [T, I] -> [T, I]"""
+    return silu(gate) * up
+
+
 class MLP:
     hook = UNTRACED  # trace points gate, up, act, down; routed experts keep this no-op (refqwen/trace.py)
 

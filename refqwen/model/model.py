@@ -2,6 +2,9 @@
 
     h   = x + attention(rms_norm(x))
     out = h + mlp(rms_norm(h))          (mlp is a SparseMoE block on the MoE model's sparse layers)
+
+Shapes: T new tokens, S positions in the cache, C hidden size, H query heads, KV key/value
+heads, G = H / KV query heads per key/value head, D head size, I MLP width, V vocabulary.
 """
 
 import numpy as np
@@ -52,7 +55,7 @@ class Model:
         self.config = config
         self.tokenizer = tokenizer  # refqwen.tokenizer.Tokenizer, or None when the checkpoint has none
         self.source = source  # where the weights came from, for messages and reports
-        self.ops = backend or Backend()  # computes every operation; refqwen.backends.base.Backend is the reference
+        self.ops = backend or Backend()  # computes every operation; model/ops.py's Backend is the reference
         self.embed_tokens = self.ops.prepare_embedding(weights["model.embed_tokens.weight"])  # [V, C]
         self.layers = [DecoderLayer(weights, i, config, self.ops) for i in range(config.num_hidden_layers)]
         self.norm = self.ops.prepare_float("model.norm.weight", weights["model.norm.weight"])  # [C]

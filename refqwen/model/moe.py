@@ -72,9 +72,11 @@ class SparseMoE:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """x [T, C] -> [T, C]"""
         hook = self.hook
-        probs = hook("router_probs", softmax(hook("router_logits", linear(x, self.router))))  # [T, E]
+        router_logits = hook("router_logits", linear(x, self.router))  # [T, E]
+        probs = hook("router_probs", softmax(router_logits))  # [T, E]
         chosen, weights = top_k_experts(probs, self.top_k, self.norm_topk_prob)  # [T, k] each
-        chosen, weights = hook("chosen", chosen), hook("weights", weights)
+        chosen = hook("chosen", chosen)  # [T, k] expert indices, most probable first
+        weights = hook("weights", weights)  # [T, k]
         routed = hook("routed", self.ops.moe_dispatch(x, self.experts, chosen, weights))  # [T, C]
         shared_gate = hook("shared_gate", sigmoid(linear(x, self.shared_expert_gate)))  # [T, 1]
         shared = hook("shared", shared_gate * self.shared_expert(x))  # [T, C]

@@ -1,19 +1,22 @@
 """What a backend provides: the operations the model calls, and the load-time `prepare` step.
 
-This base class *is* the "numpy" backend: each method calls the refqwen function that
-defines the operation, so the reference is the specification every backend is tested
-against. A faster backend subclasses it and overrides what it accelerates; anything it
-leaves alone runs the reference. docs/backends.md explains how to write one.
+This base class *is* the "numpy" backend: each run-time operation is the refqwen function that
+defines it, held as a staticmethod, so `ops.rms_norm(x, w, eps)` calls `norm.rms_norm` itself (a
+debugger's "step into" lands in the math) and the reference is the specification every backend
+is tested against. A faster backend subclasses it and overrides what it accelerates with an
+ordinary method; anything it leaves alone runs the reference. docs/backends.md explains how.
 
-Shapes: T tokens, C hidden size, H query heads, KV key/value heads, D head size.
+Shapes: T new tokens, S cached positions, C hidden size, H query heads, KV key/value heads,
+D head size, I MLP width, V vocabulary, k experts per token.
 """
 
 import numpy as np
 
 from refqwen.model.attention import causal_attention
 from refqwen.model.cache import KVCache
+from refqwen.model.embedding import embed
 from refqwen.model.linear import linear
-from refqwen.model.mlp import silu
+from refqwen.model.mlp import swiglu
 from refqwen.model.moe import dispatch_experts
 from refqwen.model.norm import rms_norm
 from refqwen.model.rope import apply_rotary
@@ -67,35 +70,19 @@ class Backend:
         a GPU backend may replay a captured graph instead)."""
         return model.logits([token], cache, last_only=True)
 
-    def embed(self, ids: np.ndarray, table) -> np.ndarray:
-        """Rows of the embedding table for token ids [T] -> [T, C] float32."""
-        return np.asarray(table[ids], np.float32)
-
-    def linear(self, x: np.ndarray, weight, bias: np.ndarray | None = None) -> np.ndarray:
-        """x [T, in] -> x Wᵀ + b [T, out], W as returned by prepare_linear."""
-        return linear(x, weight, bias)
-
-    def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-        """x [T, C] -> [T, C]"""
-        return rms_norm(x, weight, eps)
-
-    def apply_rotary(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-        """x [T, heads, D], cos/sin [T, D] -> [T, heads, D]"""
-        return apply_rotary(x, cos, sin)
-
     def new_cache(self, num_layers: int, num_kv_heads: int, head_dim: int) -> KVCache:
         return KVCache(num_layers, num_kv_heads, head_dim)
 
-    def attention(self, q, keys, values, start: int, window: int | None) -> np.ndarray:
-        """Causal attention of q [T, H, D] at positions start .. start+T-1 over keys, values [S, KV, D]
-        (what the layer's cache.append returned: every position so far) -> [T, H, D]."""
-        return causal_attention(q, keys, values, start, window)
-
-    def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-        """silu(gate) * up, both [T, I]"""
-        return silu(gate) * up
-
-    def moe_dispatch(self, x, experts: list, chosen: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        """sum_j weights[:, j] * experts[chosen[:, j]](x), running each expert only on its tokens.
-        x [T, C], chosen and weights [T, k] -> [T, C]"""
-        return dispatch_experts(x, experts, chosen, weights)
+    # The operations themselves. Each is the reference function (a staticmethod: no forwarding
+    # call in between); a backend replaces one with a method of the same arguments.
+    embed = staticmethod(embed)  # (ids [T], table [V, C] from prepare_embedding) -> [T, C] float32
+    linear = staticmethod(linear)  # (x [T, in], W from prepare_linear, bias [out] or None) -> x Wᵀ + b [T, out]
+    rms_norm = staticmethod(rms_norm)  # (x [T, C], weight [C], eps) -> [T, C]
+    apply_rotary = staticmethod(apply_rotary)  # (x [T, heads, D], cos [T, D], sin [T, D]) -> [T, heads, D]
+    # (q [T, H, D] at positions start .. start+T-1, keys and values [S, KV, D] as the layer's
+    #  cache.append returned them: every position so far, start, window or None) -> [T, H, D]
+    attention = staticmethod(causal_attention)
+    swiglu = staticmethod(swiglu)  # (gate [T, I], up [T, I]) -> silu(gate) * up [T, I]
+    # (x [T, C], experts: list of MLPs, chosen [T, k] int, weights [T, k])
+    #   -> sum_j weights[:, j] * experts[chosen[:, j]](x) [T, C], each expert run only on its tokens
+    moe_dispatch = staticmethod(dispatch_experts)
