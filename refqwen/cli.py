@@ -1,4 +1,4 @@
-"""The `refqwen` command: generate, chat, info, ppl, bench, compare and quantize."""
+"""The `refqwen` command: generate, chat, info, ppl, bench, compare, quantize, lens and pattern."""
 
 import argparse
 import json
@@ -171,9 +171,41 @@ def cmd_quantize(args):
         print(f"wrote {write_report(report, out)}")
 
 
+def cmd_lens(args):
+    """The logit lens: each layer's top next tokens at one position; --png draws every position."""
+    from refqwen.lens import logit_lens, plot_logit_lens
+
+    model = _load(args)
+    lens = logit_lens(model, _compare_ids(args, model), args.k)
+    print(lens.table(_token_text(model), args.position))
+    if args.png:
+        print(f"wrote {plot_logit_lens(lens, args.png, _token_text(model))}")
+
+
+def cmd_pattern(args):
+    """One layer's and head's attention weights over the prompt, as numbers or (--png) a picture."""
+    from refqwen.lens import attention_pattern, plot_attention_pattern
+
+    model = _load(args)
+    ids = _compare_ids(args, model)
+    pattern = attention_pattern(model, ids, args.layer, args.head)  # [T, T]
+    tokens = [_token_text(model)(i) for i in ids]
+    print(f"attention pattern of layer {args.layer}, head {args.head} (rows: queries, columns: keys)")
+    for token, row in zip(tokens, pattern):
+        print(f"{token[:12]!r:>14} " + " ".join(f"{w:4.2f}" for w in row))
+    if args.png:
+        title = f"layer {args.layer}, head {args.head}"
+        print(f"wrote {plot_attention_pattern(pattern, tokens, args.png, title)}")
+
+
+def _token_text(model):
+    """id -> its text (the id itself when the model has no tokenizer)."""
+    return (lambda i: model.tokenizer.decode([i])) if model.tokenizer is not None else str
+
+
 def _compare_ids(args, model) -> list[int]:
     if (args.prompt is None) == (args.ids is None):
-        raise RefqwenError("compare: give exactly one of --prompt TEXT or --ids 1,2,3")
+        raise RefqwenError(f"{args.command}: give exactly one of --prompt TEXT or --ids 1,2,3")
     if args.ids is not None:
         try:
             return [int(i) for i in args.ids.split(",")]
@@ -266,6 +298,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gguf", action="store_true", help="write a llama.cpp GGUF with Q8_0 tensors (int8-g32 only)")
     p.add_argument("--shard-mib", type=int, default=2048, help="size limit of one safetensors file (MiB)")
     p.set_defaults(run=cmd_quantize)
+
+    prompt = argparse.ArgumentParser(add_help=False)
+    prompt.add_argument("--prompt", help="text to run, tokenized by the model's tokenizer")
+    prompt.add_argument("--ids", help="token ids to run instead of a prompt, comma-separated")
+    prompt.add_argument("--png", help="also draw the picture into this .png (needs the plot extra: matplotlib)")
+    p = sub.add_parser("lens", parents=[model_args, prompt],
+                       help="logit lens: the next tokens each layer's residual stream predicts")
+    p.add_argument("--k", type=int, default=5, help="tokens per layer (default 5)")
+    p.add_argument("--position", type=int, default=-1, help="which position to print (default: the last)")
+    p.set_defaults(run=cmd_lens)
+    p = sub.add_parser("pattern", parents=[model_args, prompt],
+                       help="attention weights of one layer and head over the prompt")
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--head", type=int, required=True, help="query head")
+    p.set_defaults(run=cmd_pattern)
     return parser
 
 

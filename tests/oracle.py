@@ -7,17 +7,14 @@ bias or a mis-scaled rotary shows up as a large error rather than hiding in the 
 import numpy as np
 import torch
 
+from refqwen.tiny import TINY, TINY_MOE  # noqa: F401 (TINY_MOE is imported from here by conftest)
+
 # Oracle tolerance on logits, float32 against float32. Both sides compute the same math
 # in float32 but sum in different orders (BLAS blocking, online vs full softmax), which
 # leaves differences of a few float32 ulps of the largest intermediate values (~1e-6
 # relative); 1e-4 absolute on logits of magnitude ~10 is well above that and far below
 # any real mistake (a wrong rotary layout or a dropped bias moves logits by >0.1).
 LOGITS_ATOL = 1e-4
-
-TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6)
-TINY_MOE = dict(TINY, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32,
-                shared_expert_intermediate_size=48)
 
 CONFIGS = {
     "dense-tied": ("qwen2", dict(TINY, tie_word_embeddings=True)),
@@ -57,12 +54,10 @@ def hf_logits(model, ids) -> np.ndarray:
 
 
 def random_weights(cfg, seed: int = 0) -> dict:
-    """refqwen weights for `cfg` drawn like build_hf_model's, without transformers."""
-    from refqwen.checkpoint.weights import expected_shapes
+    """refqwen weights for `cfg` drawn like build_hf_model's, without transformers (refqwen.tiny)."""
+    from refqwen.tiny import random_weights
 
-    rng = np.random.default_rng(seed)
-    return {name: ((1.0 if name.endswith("norm.weight") else 0.0) + 0.2 * rng.standard_normal(shape)).astype(np.float32)
-            for name, shape in expected_shapes(cfg).items()}
+    return random_weights(cfg, seed)
 
 
 def tiny_config(kind: str):
