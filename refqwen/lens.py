@@ -66,7 +66,7 @@ def logit_lens(model, ids, k: int = 5) -> LogitLens:
     def read(name, resid):  # a trace hook: sees each residual stream where the backend keeps it
         logits = np.asarray(model.ops.to_host(lens_logits(model, resid)), np.float32)  # [T, V]
         probs = _softmax(logits)
-        best = np.argsort(-logits, axis=-1, kind="stable")[:, :k]  # [T, k], ties to the lower id
+        best = _top_k(logits, k)  # [T, k]
         stages.append(name.removesuffix(".resid_post"))
         top_ids.append(best)
         top_probs.append(np.take_along_axis(probs, best, axis=-1))
@@ -85,6 +85,17 @@ def attention_pattern(model, ids, layer: int, head: int) -> np.ndarray:
         raise RefqwenError(f"head: expected a query head 0 .. {cfg.num_attention_heads - 1}, got {head!r}")
     name = f"layers.{layer}.attn.pattern"
     return trace(model, ids, names=[name])[name][head]  # [H, T, S] -> [T, S], S = T without a cache
+
+
+def _top_k(logits, k):
+    """Ids of the k largest logits of each row [T, V], largest first; on a tie the lower id first, as a
+    stable sort of the whole row gives (which would cost O(V log V) per row and stage).  -> [T, k]"""
+    rows = []
+    for row in logits:
+        kth = np.partition(row, row.size - k)[row.size - k]  # the k-th largest value
+        candidates = np.flatnonzero(row >= kth)  # ascending ids; more than k only on ties
+        rows.append(candidates[np.argsort(-row[candidates], kind="stable")][:k])
+    return np.stack(rows)
 
 
 def _softmax(logits):

@@ -135,3 +135,13 @@ def test_commands_print_the_functions_values(models, tiny_folder, tmp_path, caps
     assert capsys.readouterr().err.splitlines()[-1] == "refqwen: error: layer: expected 0 .. 3, got 9"
     assert main(["lens", "--model", str(tiny_folder)]) == 2
     assert "lens: give exactly one of --prompt TEXT or --ids" in capsys.readouterr().err
+
+
+def test_top_k_orders_like_a_stable_sort_even_on_ties():
+    from refqwen.lens import _top_k
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        logits = rng.integers(0, 4, (3, 12)).astype(np.float32)  # many exact ties
+        k = int(rng.integers(1, 13))
+        np.testing.assert_array_equal(_top_k(logits, k), np.argsort(-logits, axis=-1, kind="stable")[:, :k])
