@@ -39,7 +39,7 @@ def top_k_experts(probs, top_k, norm_topk_prob):
 
 
 def dispatch_experts(x, experts, chosen, weights):
-    """sum_j weights[:, j] * experts[chosen[:, j]](x), each expert run only on the tokens that chose it.
+    """`sum_j weights[:, j] * experts[chosen[:, j]](x)`, each expert run only on the tokens that chose it.
     x [T, C], chosen and weights [T, k] -> [T, C]"""
     out = np.zeros_like(x)
     for e in np.unique(chosen):
