@@ -91,7 +91,7 @@ def test_the_debugger_steps_straight_into_the_math(debugger_output):
     assert walk[len(math):] and all(s[0].endswith("bdb.py") for s in walk[len(math):]), "forward did not finish"
     # only the model's own files: no trace hooks, no backend plumbing, no NumPy or functools internals
     files = {f for f, _ in math}
-    assert files <= {"model.py", "config.py", "rope.py", "embedding.py", "cache.py", "norm.py", "attention.py",
+    assert files <= {"model.py", "config.py", "rope.py", "cache.py", "norm.py", "attention.py",
                      "linear.py", "mlp.py"}, files
     # every layer: rms_norm first, then attention with its pieces, rms_norm, the MLP with swiglu
     layer = [("model.py", "__call__"), ("norm.py", "rms_norm"), ("attention.py", "__call__"), ("linear.py", "linear"),

@@ -5,7 +5,7 @@
     attention.py  grouped-query attention with rotary positions over the KV cache (cache.py)
     rope.py       rotary frequencies, YaRN          norm.py   RMSNorm
     mlp.py        SwiGLU                            moe.py    routed experts + gated shared expert
-    linear.py     x Wᵀ + b                          ops.py    the reference operations (the "numpy" backend)
+    linear.py     embed, x Wᵀ + b                   ops.py    the reference operations (the "numpy" backend)
     hooks.py      the one-line trace points every module reports through
 
 Nothing here imports the accelerated backends (refqwen/backends), the checkpoint readers or the tools.

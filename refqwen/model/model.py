@@ -84,10 +84,11 @@ class Model:
         """forward's logits where the backend keeps them (on the GPU for a GPU backend)."""
         ids = self._check_ids(ids)
         cache = cache if cache is not None else self.new_cache()
-        if cache.length + len(ids) > self.config.max_position_embeddings:
-            raise RefqwenError(f"{cache.length} cached + {len(ids)} new tokens exceed the context window of "
+        start = cache.length  # position of the first new token
+        if start + len(ids) > self.config.max_position_embeddings:
+            raise RefqwenError(f"{start} cached + {len(ids)} new tokens exceed the context window of "
                                f"{self.config.max_position_embeddings} positions")
-        positions = np.arange(cache.length, cache.length + len(ids))  # [T]
+        positions = np.arange(start, start + len(ids))  # [T]
         cos, sin = rotary_cos_sin(self.config.rope_inv_freq, positions, self.config.rope_attention_factor)
         x = self.hook("embed", self.ops.embed(ids, self.embed_tokens))  # [T, C]
         for layer, layer_cache in zip(self.layers, cache.layers):

@@ -14,8 +14,7 @@ import numpy as np
 
 from refqwen.model.attention import causal_attention
 from refqwen.model.cache import KVCache
-from refqwen.model.embedding import embed
-from refqwen.model.linear import linear
+from refqwen.model.linear import embed, linear
 from refqwen.model.mlp import swiglu
 from refqwen.model.moe import dispatch_experts
 from refqwen.model.norm import rms_norm
