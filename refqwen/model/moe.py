@@ -23,11 +23,6 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
         return np.float32(1) / (np.float32(1) + np.exp(-x))
 
 
-def route_tokens(router_logits, top_k, norm_topk_prob):
-    """Choose experts per token.  router_logits [T, E] -> (experts [T, k] int, weights [T, k])"""
-    return top_k_experts(softmax(router_logits), top_k, norm_topk_prob)
-
-
 def top_k_experts(probs, top_k, norm_topk_prob):
     """The k most probable experts per token and their weights.  probs [T, E] -> ([T, k] int, [T, k])"""
     # top-k by descending probability; a stable sort keeps the lower index first on ties, as torch.topk does
