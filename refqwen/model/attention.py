@@ -70,25 +70,6 @@ def textbook_attention(q, k, v, start: int, window: int | None = None) -> np.nda
     return np.einsum("hts,shd->thd", p, v)  # [T, H, D]
 
 
-def attention_pattern(q, k, start: int, window: int | None = None) -> np.ndarray:
-    """The attention weights softmax(q kᵀ / sqrt(D) + mask), one [T, S] matrix per query head.
-
-    q [T, H, D] at positions start .. start+T-1; k [S, KV, D] at positions 0 .. S-1.  -> [H, T, S]
-    A query at position i sees key j iff j <= i and, with a window, i - j < window.
-    """
-    T, H, D = q.shape
-    S, KV = k.shape[:2]
-    k = np.repeat(k, H // KV, axis=1)  # [S, H, D]: query head h reads key head h // G
-    scores = np.einsum("thd,shd->hts", q * np.float32(D ** -0.5), k)  # [H, T, S]
-    q_pos, k_pos = np.arange(start, start + T), np.arange(S)
-    visible = k_pos[None, :] <= q_pos[:, None]  # [T, S]
-    if window is not None:
-        visible &= q_pos[:, None] - k_pos[None, :] < window
-    scores = np.where(visible, scores, -np.inf)
-    p = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    return p / p.sum(axis=-1, keepdims=True)
-
-
 def causal_attention(q, k, v, start: int, window: int | None = None, block: int = BLOCK) -> np.ndarray:
     """textbook_attention, block by block: softmax(q kᵀ / sqrt(D) + mask) v without the [H, T, S] matrix.
 
@@ -106,6 +87,25 @@ def causal_attention(q, k, v, start: int, window: int | None = None, block: int 
         t1 = min(t0 + block, T)
         out[:, :, t0:t1] = _attend_block(q[:, :, t0:t1], k, v, np.arange(start + t0, start + t1), window, block)
     return out.transpose(2, 0, 1, 3).reshape(T, H, D)  # [T, H, D]
+
+
+def attention_pattern(q, k, start: int, window: int | None = None) -> np.ndarray:
+    """The attention weights softmax(q kᵀ / sqrt(D) + mask), one [T, S] matrix per query head.
+
+    q [T, H, D] at positions start .. start+T-1; k [S, KV, D] at positions 0 .. S-1.  -> [H, T, S]
+    A query at position i sees key j iff j <= i and, with a window, i - j < window.
+    """
+    T, H, D = q.shape
+    S, KV = k.shape[:2]
+    k = np.repeat(k, H // KV, axis=1)  # [S, H, D]: query head h reads key head h // G
+    scores = np.einsum("thd,shd->hts", q * np.float32(D ** -0.5), k)  # [H, T, S]
+    q_pos, k_pos = np.arange(start, start + T), np.arange(S)
+    visible = k_pos[None, :] <= q_pos[:, None]  # [T, S]
+    if window is not None:
+        visible &= q_pos[:, None] - k_pos[None, :] < window
+    scores = np.where(visible, scores, -np.inf)
+    p = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return p / p.sum(axis=-1, keepdims=True)
 
 
 def _attend_block(q, k, v, q_pos, window, block):
