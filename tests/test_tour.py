@@ -105,3 +105,21 @@ def test_the_debugger_steps_straight_into_the_math(debugger_output):
     first_layer = walk.index(("model.py", "__call__"))
     assert walk[first_layer + 1] == ("norm.py", "rms_norm")
     assert sum(s == ("norm.py", "rms_norm") for s in walk) == 2 * 4 + 1  # two per layer, and the final norm
+
+
+def test_the_breakpoint_recipe_stops_in_swiglu():
+    import pdb
+
+    command = "import refqwen.model.mlp as mlp;; b mlp.swiglu"
+    assert f"(Pdb) {command}\n(Pdb) c\n" in TOUR.read_text(encoding="utf-8")
+    model = refqwen.tiny_model()
+    out = io.StringIO()
+    old_stdin, sys.stdin = sys.stdin, io.StringIO(f"{command}\nc\nc\n")
+    try:
+        with contextlib.redirect_stdout(out):
+            pdb.Pdb(skip=["refqwen.model.hooks", "refqwen.model.ops", "numpy", "numpy.*", "functools"]).runcall(
+                model.forward, [5, 17, 3])
+    finally:
+        sys.stdin = old_stdin
+    stops = STOP.findall(out.getvalue())
+    assert stops[0][1] == "forward" and stops[1] == (str(Path(refqwen.model.mlp.__file__)), "swiglu"), stops
