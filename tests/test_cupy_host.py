@@ -20,6 +20,7 @@ from refqwen.backends import cuda_kernels, cupy_gpu
 from refqwen.backends.cupy_gpu import CupyBackend, CupyBF16Backend, CupyF16Backend, CupyInt8ChannelBackend
 from refqwen.errors import RefqwenError, WeightsError
 from refqwen.model import Model
+from refqwen.model.attention import attention_pattern
 from refqwen.published import published_config
 from refqwen.trace import trace
 
@@ -253,3 +254,14 @@ def test_decode_graph_is_not_used_for_moe():
     model.logits([1, 2, 3], cache), eager.logits([1, 2, 3], eager_cache)
     assert np.array_equal(model.ops.decode(model, 4, cache), eager.ops.decode(eager, 4, eager_cache))
     assert cache.graph is None
+
+
+def test_attention_pattern_traced_on_a_device_cache():
+    """The opt-in pattern trace reads the cache in the reference layout, whatever layout the backend keeps:
+    exactly the pattern of the run's own rotated queries and keys."""
+    cfg = tiny_config("dense-untied")
+    model = Model(cfg, random_weights(cfg), backend=CupyBackend(host=True))
+    t = trace(model, [1, 5, 7, 9, 3], names=["layers.*.attn.pattern", "layers.*.attn.q_rot", "layers.*.attn.k_rot"])
+    for i in range(cfg.num_hidden_layers):
+        q, k = t[f"layers.{i}.attn.q_rot"], t[f"layers.{i}.attn.k_rot"]
+        np.testing.assert_array_equal(t[f"layers.{i}.attn.pattern"], attention_pattern(q, k, 0, cfg.window(i)))

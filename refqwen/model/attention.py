@@ -54,7 +54,8 @@ class Attention:
         start = cache.length  # position of the first new token
         keys, values = cache.append(k, v)  # [S, KV, D] each: every position so far, the T new ones last
         if hook.wants("pattern"):  # opt-in: the blocked attention below never forms this [H, T, S] matrix
-            hook("pattern", attention_pattern(q, keys, start, window))
+            # cache.keys is [S, KV, D] in every cache, whatever layout `keys` has for the backend's attention
+            hook("pattern", attention_pattern(q, cache.keys[:cache.length], start, window))
         z = hook("z", ops.attention(q, keys, values, start, window))  # [T, H, D]
         return hook("out", ops.linear(z.reshape(T, -1), self.o_proj))
 
