@@ -11,8 +11,9 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.run(args) or 0
-    except RefqwenError as e:
-        print(f"refqwen: error: {e}", file=sys.stderr)
+    except RefqwenError as e:  # every user error: one line on stderr, exit status 2
+        lines = (line.strip() for line in str(e).splitlines())
+        print(f"refqwen: error: {'; '.join(line for line in lines if line)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
