@@ -94,11 +94,12 @@ def cmd_ppl(args):
 
     from refqwen.perplexity import perplexity
 
+    from refqwen.files import read_text
+
     path = Path(args.file)
-    if not path.is_file():
-        raise RefqwenError(f"{path}: no such file")
+    text = read_text(path, "text file", limit=1 << 30)  # a regular UTF-8 file: a pipe or binary file is refused
     model = _load(args)
-    result = perplexity(model, path.read_text(encoding="utf-8"), window=args.window, stride=args.stride)
+    result = perplexity(model, text, window=args.window, stride=args.stride)
     print(json.dumps(dict(file=str(path), model=model.source, **result.to_dict()), indent=2))
 
 

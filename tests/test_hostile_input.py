@@ -543,3 +543,28 @@ def test_gguf_export_reads_back_or_refuses(folder32, tmp_path, capsys):
     (folder / "tokenizer.json").write_text(bpe.to_str())
     assert main(["quantize", str(folder), str(tmp_path / "b.gguf"), "--gguf"]) == 0
     assert refqwen.load(tmp_path / "b.gguf", progress=False).tokenizer.encode("ab") == [0, 1]
+
+
+def test_demo_assembly_cleans_up_and_follows_umask(tmp_path, monkeypatch):
+    import hashlib
+
+    from refqwen.checkpoint import demo
+
+    parts = [tmp_path / "p1", tmp_path / "p2"]
+    parts[0].write_bytes(b"GGUF")
+    parts[1].write_bytes(b"rest")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    stale = cache / f".{demo.FILE_NAME}.partial-999999999-abc"  # left by a killed run (no such process)
+    stale.write_bytes(b"half")
+    monkeypatch.setenv("REFQWEN_CACHE", str(cache))
+    monkeypatch.setattr(demo, "part_files", lambda: parts)
+    monkeypatch.setattr(demo, "SIZE", 8)
+    monkeypatch.setattr(demo, "SHA256", hashlib.sha256(b"GGUFrest").hexdigest())
+    old = os.umask(0o022)
+    try:
+        path = demo.demo_path(progress=False)
+    finally:
+        os.umask(old)
+    assert path.read_bytes() == b"GGUFrest" and (path.stat().st_mode & 0o777) == 0o644
+    assert sorted(p.name for p in cache.iterdir()) == [demo.FILE_NAME]
