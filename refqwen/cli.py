@@ -92,9 +92,8 @@ def _format_info(report: dict) -> str:
 def cmd_ppl(args):
     from pathlib import Path
 
-    from refqwen.perplexity import perplexity
-
     from refqwen.files import read_text
+    from refqwen.perplexity import perplexity
 
     path = Path(args.file)
     text = read_text(path, "text file", limit=1 << 30)  # a regular UTF-8 file: a pipe or binary file is refused
