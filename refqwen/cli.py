@@ -96,7 +96,7 @@ def cmd_ppl(args):
     from refqwen.perplexity import perplexity
 
     path = Path(args.file)
-    text = read_text(path, "text file", limit=1 << 30)  # a regular UTF-8 file: a pipe or binary file is refused
+    text = read_text(path, "file", limit=1 << 30)  # a regular UTF-8 file: a pipe or binary file is refused
     model = _load(args)
     result = perplexity(model, text, window=args.window, stride=args.stride)
     print(json.dumps(dict(file=str(path), model=model.source, **result.to_dict()), indent=2))
