@@ -91,8 +91,13 @@ class Tokenizer:
             raise RefqwenError(f"{source}: tokenizer {kind!r} with pre-tokenizer {pre!r} is not Qwen2's "
                                f"(expected 'gpt2' with one of {QWEN2_PRE_TOKENIZERS})")
         tokens, types, merges = _gguf_vocabulary(meta, source)
-        backend = BackendTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
-                                              byte_fallback=False))
+        try:
+            backend = BackendTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                                                  byte_fallback=False))
+        except BaseException as e:  # the tokenizers library panics (a BaseException) on some inconsistencies
+            if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+                raise
+            raise RefqwenError(f"{source}: the GGUF vocabulary and merges do not form a BPE tokenizer ({e})") from None
         backend.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
@@ -116,11 +121,12 @@ def _read_tokenizer_json(path: Path) -> BackendTokenizer:
     check_regular_file(path, "tokenizer.json")
     if path.stat().st_size > MAX_TOKENIZER_BYTES:
         raise RefqwenError(f"{path}: larger than {MAX_TOKENIZER_BYTES // 1024 ** 2} MiB; refusing to read it")
+    text = read_text(path, "tokenizer.json", MAX_TOKENIZER_BYTES)
     try:
-        return BackendTokenizer.from_str(read_text(path, "tokenizer.json", MAX_TOKENIZER_BYTES))
-    except RefqwenError:
-        raise
-    except Exception as e:  # the tokenizers library raises its own Exception with no file name
+        return BackendTokenizer.from_str(text)
+    except BaseException as e:  # its own Exception with no file name, or a PanicException (a BaseException)
+        if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+            raise
         raise RefqwenError(f"{path}: not a tokenizer the tokenizers library can read ({e})") from None
 
 
@@ -135,7 +141,13 @@ def _gguf_vocabulary(meta: dict, source: str) -> tuple[list[str], list[int], lis
         raise RefqwenError(f"{source}: tokenizer.ggml.token_type must be a list of integers")
     if not isinstance(merges, list) or not all(isinstance(m, str) and " " in m for m in merges):
         raise RefqwenError(f"{source}: tokenizer.ggml.merges must be a list of 'left right' strings")
-    return tokens, types, [tuple(m.split(" ", 1)) for m in merges]
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    vocab = set(tokens)
+    for i, (left, right) in enumerate(pairs):  # the tokenizers library panics on these instead of raising
+        if left not in vocab or right not in vocab or left + right not in vocab:
+            raise RefqwenError(f"{source}: tokenizer.ggml.merges[{i}] {left + ' ' + right!r} merges tokens "
+                               f"that are not all in the vocabulary")
+    return tokens, types, pairs
 
 
 def _gguf_token_id(meta: dict, key: str, vocab_size: int, source: str) -> int | None:

@@ -568,3 +568,40 @@ def test_demo_assembly_cleans_up_and_follows_umask(tmp_path, monkeypatch):
         os.umask(old)
     assert path.read_bytes() == b"GGUFrest" and (path.stat().st_mode & 0o777) == 0o644
     assert sorted(p.name for p in cache.iterdir()) == [demo.FILE_NAME]
+
+
+@pytest.mark.parametrize("key,value", [
+    ("general.architecture", ["qwen2"]), ("general.architecture", 7), ("qwen2.block_count", "2"),
+    ("qwen2.attention.head_count", [2, 2]), ("qwen2.embedding_length", 16.5), ("qwen2.context_length", -1),
+    ("qwen2.attention.layer_norm_rms_epsilon", "tiny"), ("qwen2.rope.freq_base", [1.0]),
+    ("tokenizer.ggml.model", 5), ("tokenizer.ggml.tokens", "abc"), ("tokenizer.ggml.merges", [1, 2]),
+    ("tokenizer.ggml.eos_token_id", 10 ** 6), ("tokenizer.chat_template", [1]),
+    ("tokenizer.ggml.merges", ["a c"]), ("tokenizer.ggml.merges", ["b a"]),  # the tokenizers library panics on these
+])
+def test_gguf_metadata_of_the_wrong_type(tmp_path, key, value):
+    """Every header key refqwen reads, given a value of the wrong type or range: one RefqwenError."""
+    import gguf
+
+    path = tiny_gguf(tmp_path / "m.gguf")
+    reader = gguf.GGUFReader(path)
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    meta.update({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2",
+                 "tokenizer.ggml.tokens": ["a", "b", "ab"], "tokenizer.ggml.merges": ["a b"]}, **{key: value})
+    writer = gguf.GGUFWriter(tmp_path / "bad.gguf", "qwen2")
+    writer.kv_data[0].clear()  # drop the writer's own general.architecture; meta has it
+    for k, v in meta.items():
+        kind = (gguf.GGUFValueType.STRING if isinstance(v, str) else gguf.GGUFValueType.ARRAY if isinstance(v, list)
+                else gguf.GGUFValueType.FLOAT32 if isinstance(v, float) else gguf.GGUFValueType.INT64)
+        sub = None
+        if isinstance(v, list):
+            sub = gguf.GGUFValueType.STRING if isinstance(v[0], str) else gguf.GGUFValueType.INT64 \
+                if isinstance(v[0], int) else gguf.GGUFValueType.FLOAT32
+        writer.add_key_value(k, v, kind, sub_type=sub)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.array(t.data), raw_shape=tuple(reversed(t.shape.tolist())))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with time_limit(20), pytest.raises(RefqwenError):
+        refqwen.load(tmp_path / "bad.gguf", progress=False)

@@ -239,7 +239,7 @@ class Config:
         the embedding's vocabulary size, whether it stores an output matrix (else tied), and which
         layers of an MoE model have no router (GGUF has no key for decoder_sparse_step)."""
         arch = meta.get("general.architecture")
-        if arch not in GGUF_ARCHITECTURES:
+        if not isinstance(arch, str) or arch not in GGUF_ARCHITECTURES:
             raise ConfigError(f"{source}: GGUF architecture {arch!r} is not supported; "
                               f"refqwen runs {sorted(GGUF_ARCHITECTURES)}")
 
