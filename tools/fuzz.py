@@ -47,7 +47,11 @@ def fuzz_one(target: str, seconds: int, timeout: int, memory_mib: int, work: Pat
     def gguf(data: bytes):
         path = scratch / "m.gguf"
         path.write_bytes(data)
-        load(path, progress=False)
+        model = load(path, progress=False)
+        if model.tokenizer is not None:  # the vocabulary, merges and template the file brings, in use
+            model.tokenizer.decode(model.tokenizer.encode("abc a <|im_end|>"))
+            if model.tokenizer.chat_template:
+                model.tokenizer.apply_chat_template([{"role": "user", "content": "a b"}], tokenize=True)
 
     def safetensors(data: bytes):
         (scratch / "model" / "model.safetensors").write_bytes(data)
