@@ -130,7 +130,7 @@ def gguf_files(draw):
 def mutated_gguf(draw, valid: bytes):
     """A valid tiny GGUF with a u64/u32 somewhere in its header overwritten by an absurd value."""
     data = bytearray(valid)
-    header_end = min(len(data), 4096)
+    header_end = min(len(data), 4096)  # the key/values and the tensor table
     pos = draw(st.integers(4, header_end - 8))
     data[pos:pos + 8] = struct.pack("<Q", draw(st.sampled_from([0, 2 ** 32 - 1, 2 ** 40, 2 ** 63, 2 ** 64 - 1])))
     return bytes(data)
@@ -185,11 +185,20 @@ def run(kind: str, examples: int) -> None:
 
     valid_gguf = _valid_gguf(work)
 
+    with_tokenizer = (Path(__file__).parent / "fuzz" / "corpus" / "gguf" / "tiny-with-tokenizer.gguf").read_bytes()
+
+    def load_and_tokenize(path):
+        model = refqwen.load(path, progress=False)
+        if model.tokenizer is not None:
+            model.tokenizer.encode("abc a")
+            if model.tokenizer.chat_template:
+                model.tokenizer.apply_chat_template([{"role": "user", "content": "a"}])
+
     @options
-    @given(gguf_files() | mutated_gguf(valid_gguf))
+    @given(gguf_files() | mutated_gguf(valid_gguf) | mutated_gguf(with_tokenizer))
     def gguf_headers(data):
         (work / "m.gguf").write_bytes(data)
-        must_load_or_refuse(load(work / "m.gguf"))
+        must_load_or_refuse(lambda: load_and_tokenize(work / "m.gguf"))
 
     @options
     @given(st.lists(TEMPLATE_PIECES | st.text(max_size=6), max_size=4).map("".join), MESSAGES)

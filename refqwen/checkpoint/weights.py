@@ -71,8 +71,9 @@ def check_shapes(found: dict[str, tuple[int, ...]], cfg: Config, source: str, op
 def check_finite(a: np.ndarray, name: str, source) -> np.ndarray:
     """`a` unchanged if every value is finite; else a WeightsError naming the tensor. A NaN or an infinity
     anywhere makes the float64 sum non-finite, so one pass with no temporary array decides."""
-    if np.isfinite(np.sum(a, dtype=np.float64)):
-        return a
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: the NaN that answers the question
+        if np.isfinite(np.sum(a, dtype=np.float64)):
+            return a
     bad = np.flatnonzero(~np.isfinite(np.asarray(a, np.float32).reshape(-1)))  # [n_bad]
     where = np.unravel_index(bad[0], a.shape)
     raise WeightsError(f"{source}: tensor {name} holds {len(bad)} NaN or infinite values (the first, "
