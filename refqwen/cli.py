@@ -11,8 +11,9 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.run(args) or 0
-    except RefqwenError as e:
-        print(f"refqwen: error: {e}", file=sys.stderr)
+    except RefqwenError as e:  # every user error: one line on stderr, exit status 2
+        lines = (line.strip() for line in str(e).splitlines())
+        print(f"refqwen: error: {'; '.join(line for line in lines if line)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -91,13 +92,13 @@ def _format_info(report: dict) -> str:
 def cmd_ppl(args):
     from pathlib import Path
 
+    from refqwen.files import read_text
     from refqwen.perplexity import perplexity
 
     path = Path(args.file)
-    if not path.is_file():
-        raise RefqwenError(f"{path}: no such file")
+    text = read_text(path, "file", limit=1 << 30)  # a regular UTF-8 file: a pipe or binary file is refused
     model = _load(args)
-    result = perplexity(model, path.read_text(encoding="utf-8"), window=args.window, stride=args.stride)
+    result = perplexity(model, text, window=args.window, stride=args.stride)
     print(json.dumps(dict(file=str(path), model=model.source, **result.to_dict()), indent=2))
 
 

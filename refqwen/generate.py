@@ -21,12 +21,45 @@ class Sampling:
     repetition_penalty: float = 1.0  # 1: off
 
     def __post_init__(self):
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not np.isfinite(value):
+                raise RefqwenError(f"{name} must be a finite number, got {value!r}")
+        check_int(self.top_k, "top_k")
         checks = [(self.temperature >= 0, "temperature must be >= 0"), (self.top_k >= 0, "top_k must be >= 0"),
                   (0 < self.top_p <= 1, "top_p must be in (0, 1]"), (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
                   (self.repetition_penalty > 0, "repetition_penalty must be > 0")]
         for ok, message in checks:
             if not ok:
                 raise RefqwenError(message)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+
+
+def check_int(value, name: str, minimum: int = 0) -> int:
+    """`value` if it is an integer >= minimum (not a bool, not a float); else a RefqwenError naming it."""
+    if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)) or value < minimum:
+        raise RefqwenError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_stop(stop) -> list[str]:
+    """Stop strings: one string or a list of non-empty strings."""
+    stop = [stop] if isinstance(stop, str) else stop
+    if stop is None:
+        return []
+    if not isinstance(stop, (list, tuple, set, frozenset)) or not all(isinstance(s, str) and s for s in stop):
+        raise RefqwenError(f"stop must be a string or a list of non-empty strings, got {stop!r:.100}")
+    return list(stop)
+
+
+def check_generation_args(max_new_tokens, seed, stop) -> list[str]:
+    check_int(max_new_tokens, "max_new_tokens")
+    if seed is not None:
+        check_int(seed, "seed")
+    return check_stop(stop)
 
 
 def next_token(logits: np.ndarray, history: list[int], s: Sampling, rng: np.random.Generator) -> int:
@@ -152,6 +185,9 @@ def prompt_ids(model, prompt) -> list[int]:
     tokenizer = _need_tokenizer(model)
     if isinstance(prompt, str):
         return tokenizer.encode(prompt)
+    if not isinstance(prompt, (list, tuple)):
+        raise RefqwenError(f"prompt must be text, a list of chat messages or a list of token ids, "
+                           f"got {type(prompt).__name__}")
     return tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
 
 
@@ -159,6 +195,7 @@ def stream(model, prompt, max_new_tokens: int = 256, *, temperature=0.0, top_k=0
            repetition_penalty=1.0, seed=None, stop=(), ignore_eos=False):
     """Yield the completion as text pieces (see Model.stream)."""
     tokenizer = _need_tokenizer(model)
+    stop = check_generation_args(max_new_tokens, seed, stop)
     sampling = Sampling(temperature, top_k, top_p, min_p, repetition_penalty)
     stop_ids = frozenset() if ignore_eos else tokenizer.end_token_ids
     tokens = generate_ids(model, prompt_ids(model, prompt), max_new_tokens, sampling, seed, stop_ids)
@@ -176,6 +213,7 @@ def generate(model, prompt, max_new_tokens: int = 256, *, temperature=0.0, top_k
              repetition_penalty=1.0, seed=None, stop=(), ignore_eos=False) -> str:
     """The completion as one string, decoded from all its tokens at once (see Model.generate)."""
     tokenizer = _need_tokenizer(model)
+    stop = check_generation_args(max_new_tokens, seed, stop)
     sampling = Sampling(temperature, top_k, top_p, min_p, repetition_penalty)
     stop_ids = frozenset() if ignore_eos else tokenizer.end_token_ids
     ids = []

@@ -18,6 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from refqwen.errors import RefqwenError
+from refqwen.generate import check_int
 
 CHUNK = 256  # tokens per forward call inside a window, so logits stay [256, V] at most
 
@@ -80,8 +81,14 @@ def perplexity(model, text_or_ids, window: int = 1024, stride: int | None = None
 
 def token_ids(model, text_or_ids, window: int, stride: int | None) -> np.ndarray:
     """Checked ids for a perplexity-style evaluation."""
-    stride = stride or window
-    ids = model.tokenizer.encode(text_or_ids) if isinstance(text_or_ids, str) else [int(t) for t in text_or_ids]
+    check_int(window, "window", 1)
+    stride = check_int(stride, "stride", 1) if stride is not None else window
+    if isinstance(text_or_ids, str):
+        if model.tokenizer is None:
+            raise RefqwenError(f"{model.source}: no tokenizer; pass token ids instead of text")
+        ids = model.tokenizer.encode(text_or_ids)
+    else:
+        ids = _checked_ids(text_or_ids, model.config.vocab_size)
     if not 0 < stride <= window:
         raise RefqwenError(f"stride must be in 1..window ({window}), got {stride}")
     if window > model.config.max_position_embeddings:
@@ -89,3 +96,14 @@ def token_ids(model, text_or_ids, window: int, stride: int | None) -> np.ndarray
     if len(ids) < 2:
         raise RefqwenError(f"perplexity needs at least 2 tokens, got {len(ids)}")
     return np.asarray(ids)
+
+
+def _checked_ids(ids, vocab_size: int) -> list[int]:
+    """Every id (the last one too: it is only ever a target, never fed to the model) in the vocabulary."""
+    if isinstance(ids, np.ndarray) and not np.issubdtype(ids.dtype, np.integer) and ids.size:
+        raise RefqwenError(f"token ids must be integers, got an array of {ids.dtype}")
+    ids = list(ids)
+    for i, t in enumerate(ids):
+        if not isinstance(t, (int, np.integer)) or isinstance(t, (bool, np.bool_)) or not 0 <= t < vocab_size:
+            raise RefqwenError(f"token {i}: {t!r} is not a token id in the vocabulary [0, {vocab_size})")
+    return [int(t) for t in ids]

@@ -15,6 +15,9 @@ from tokenizers import Tokenizer as BackendTokenizer
 
 from refqwen.chat_template import render_chat_template
 from refqwen.errors import RefqwenError
+from refqwen.files import check_regular_file, read_json, read_text
+
+MAX_TOKENIZER_BYTES = 256 * 1024 ** 2  # Qwen2's tokenizer.json is 7 MB
 
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -64,15 +67,18 @@ class Tokenizer:
         folder = Path(folder)
         if not (folder / "tokenizer.json").exists():
             return None
-        backend = BackendTokenizer.from_file(str(folder / "tokenizer.json"))
-        config = json.loads((folder / "tokenizer_config.json").read_text()) \
+        backend = _read_tokenizer_json(folder / "tokenizer.json")
+        config = read_json(folder / "tokenizer_config.json", "tokenizer_config.json") \
             if (folder / "tokenizer_config.json").exists() else {}
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
-            template = {t["name"]: t["template"] for t in template}.get("default")
+            template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}.get("default")
         if (folder / "chat_template.jinja").exists():
-            template = (folder / "chat_template.jinja").read_text()
-        specials = {k: _token_text(v) for k, v in config.items() if k.endswith("_token") and v is not None}
+            template = read_text(folder / "chat_template.jinja", "chat template")
+        if template is not None and not isinstance(template, str):
+            raise RefqwenError(f"{folder / 'tokenizer_config.json'}: chat_template must be a string, "
+                               f"got {type(template).__name__}")
+        specials = {k: _token_text(v, k, folder) for k, v in config.items() if k.endswith("_token") and v is not None}
         return cls(backend, template, eos_token_ids, specials)
 
     @classmethod
@@ -84,10 +90,14 @@ class Tokenizer:
         if kind != "gpt2" or pre not in QWEN2_PRE_TOKENIZERS:
             raise RefqwenError(f"{source}: tokenizer {kind!r} with pre-tokenizer {pre!r} is not Qwen2's "
                                f"(expected 'gpt2' with one of {QWEN2_PRE_TOKENIZERS})")
-        tokens, types = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type") or []
-        merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
-        backend = BackendTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
-                                              byte_fallback=False))
+        tokens, types, merges = _gguf_vocabulary(meta, source)
+        try:
+            backend = BackendTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                                                  byte_fallback=False))
+        except BaseException as e:  # the tokenizers library panics (a BaseException) on some inconsistencies
+            if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+                raise
+            raise RefqwenError(f"{source}: the GGUF vocabulary and merges do not form a BPE tokenizer ({e})") from None
         backend.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
@@ -97,12 +107,62 @@ class Tokenizer:
                                     for t, k in zip(tokens, types) if k == CONTROL])
         backend.add_tokens([AddedToken(t, special=False, normalized=False)
                             for t, k in zip(tokens, types) if k == USER_DEFINED])
-        eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta]
-        specials = {name: tokens[meta[f"tokenizer.ggml.{key}"]] for name, key in GGUF_SPECIAL_KEYS.items()
-                    if f"tokenizer.ggml.{key}" in meta}
-        return cls(backend, meta.get("tokenizer.chat_template"), eos, specials)
+        ids = {key: _gguf_token_id(meta, f"tokenizer.ggml.{key}", len(tokens), source)
+               for key in ("eos_token_id", "eot_token_id", *GGUF_SPECIAL_KEYS.values())}
+        eos = [ids[k] for k in ("eos_token_id", "eot_token_id") if ids[k] is not None]
+        specials = {name: tokens[ids[key]] for name, key in GGUF_SPECIAL_KEYS.items() if ids[key] is not None}
+        template = meta.get("tokenizer.chat_template")
+        if template is not None and not isinstance(template, str):
+            raise RefqwenError(f"{source}: tokenizer.chat_template must be a string")
+        return cls(backend, template, eos, specials)
 
 
-def _token_text(value) -> str:
+def _read_tokenizer_json(path: Path) -> BackendTokenizer:
+    check_regular_file(path, "tokenizer.json")
+    if path.stat().st_size > MAX_TOKENIZER_BYTES:
+        raise RefqwenError(f"{path}: larger than {MAX_TOKENIZER_BYTES // 1024 ** 2} MiB; refusing to read it")
+    text = read_text(path, "tokenizer.json", MAX_TOKENIZER_BYTES)
+    try:
+        return BackendTokenizer.from_str(text)
+    except BaseException as e:  # its own Exception with no file name, or a PanicException (a BaseException)
+        if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+            raise
+        raise RefqwenError(f"{path}: not a tokenizer the tokenizers library can read ({e})") from None
+
+
+def _gguf_vocabulary(meta: dict, source: str) -> tuple[list[str], list[int], list[tuple[str, str]]]:
+    """tokens, token types and merges from a GGUF header, checked for type (merges may be absent: a BPE
+    vocabulary without merges encodes every character on its own)."""
+    tokens, types = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.token_type") or []
+    merges = meta.get("tokenizer.ggml.merges") or []
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise RefqwenError(f"{source}: tokenizer.ggml.tokens must be a non-empty list of strings")
+    if not isinstance(types, list) or not all(isinstance(k, int) for k in types):
+        raise RefqwenError(f"{source}: tokenizer.ggml.token_type must be a list of integers")
+    if not isinstance(merges, list) or not all(isinstance(m, str) and " " in m for m in merges):
+        raise RefqwenError(f"{source}: tokenizer.ggml.merges must be a list of 'left right' strings")
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    vocab = set(tokens)
+    for i, (left, right) in enumerate(pairs):  # the tokenizers library panics on these instead of raising
+        if left not in vocab or right not in vocab or left + right not in vocab:
+            raise RefqwenError(f"{source}: tokenizer.ggml.merges[{i}] {left + ' ' + right!r} merges tokens "
+                               f"that are not all in the vocabulary")
+    return tokens, types, pairs
+
+
+def _gguf_token_id(meta: dict, key: str, vocab_size: int, source: str) -> int | None:
+    value = meta.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < vocab_size:
+        raise RefqwenError(f"{source}: {key} = {value!r} is not a token id in 0..{vocab_size - 1}")
+    return value
+
+
+def _token_text(value, key: str, folder: Path) -> str:
     """tokenizer_config.json writes special tokens as strings or as {"content": ...} dicts."""
-    return value["content"] if isinstance(value, dict) else value
+    text = value.get("content") if isinstance(value, dict) else value
+    if not isinstance(text, str):
+        raise RefqwenError(f"{folder / 'tokenizer_config.json'}: {key} must be a string or {{'content': ...}}, "
+                           f"got {value!r:.100}")
+    return text

@@ -108,7 +108,7 @@ def test_refusals_leave_nothing_behind(source, misaligned, tmp_path, monkeypatch
         raise OSError("disk full")
 
     monkeypatch.setattr(module, "save_file", fail)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(RefqwenError, match="cannot write the output: disk full; nothing was written"):
         write_quantized_checkpoint(source, tmp_path / "q", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists"]
 

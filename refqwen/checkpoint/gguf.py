@@ -14,9 +14,10 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from refqwen.checkpoint.weights import LazyWeights, check_shapes
-from refqwen.errors import WeightsError
-from refqwen.model.config import Config
+from refqwen.checkpoint.gguf_header import check_gguf_header
+from refqwen.checkpoint.weights import LazyWeights, check_finite, check_shapes
+from refqwen.errors import RefqwenError, WeightsError
+from refqwen.model.config import LIMITS, Config
 from refqwen.tokenizer import Tokenizer
 
 # GGUF tensor name (after "blk.N.") -> Hugging Face name (after "model.layers.N.")
@@ -44,18 +45,24 @@ ROWS_PER_CHUNK = 8192  # dequantize this many rows at a time to bound temporary 
 
 
 def open_gguf(path) -> gguf.GGUFReader:
+    """The `gguf` package's reader, on a file whose header has been checked against its size first."""
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: no such GGUF file")
+    try:
+        check_gguf_header(path)
+    except RefqwenError as e:
+        raise WeightsError(str(e)) from None
     try:
         return gguf.GGUFReader(path)
     except Exception as e:  # the reader raises ValueError, IndexError, ... on damaged files
         raise WeightsError(f"{path}: not a readable GGUF file (truncated or corrupt?): {e}") from None
 
 
-def gguf_metadata(reader: gguf.GGUFReader) -> dict:
+def gguf_metadata(reader: gguf.GGUFReader, source="GGUF file") -> dict:
     """The header's key/value pairs as plain Python values."""
-    return {k: f.contents() for k, f in reader.fields.items()}
+    try:
+        return {k: f.contents() for k, f in reader.fields.items()}
+    except (UnicodeDecodeError, ValueError) as e:
+        raise WeightsError(f"{source}: unreadable GGUF metadata ({e})") from None
 
 
 def load_gguf(path) -> tuple[Config, LazyWeights, Tokenizer | None]:
@@ -85,12 +92,12 @@ def read_gguf_header(path) -> tuple[Config, list[TensorInfo], dict]:
     reader = open_gguf(path)
     tensors = [TensorInfo(t.name, t.tensor_type, tuple(int(d) for d in reversed(t.shape)), int(t.data_offset),
                           int(t.n_bytes)) for t in reader.tensors]
-    meta = gguf_metadata(reader)
+    meta = gguf_metadata(reader, str(path))
     del reader
     by_name = {t.name: t for t in tensors}
     if "token_embd.weight" not in by_name:
         raise WeightsError(f"{path}: missing tensor token_embd.weight")
-    n_layers = max((int(n.split(".")[1]) + 1 for n in by_name if n.startswith("blk.")), default=0)
+    n_layers = max((_layer_index(n, path) + 1 for n in by_name if n.startswith("blk.")), default=0)
     dense = tuple(i for i in range(n_layers) if f"blk.{i}.ffn_gate_inp.weight" not in by_name)
     vocab_size = by_name["token_embd.weight"].shape[0]
     cfg = Config.from_gguf_metadata(meta, vocab_size, "output.weight" in by_name, dense, str(path))
@@ -100,6 +107,15 @@ def read_gguf_header(path) -> tuple[Config, list[TensorInfo], dict]:
             raise WeightsError(f"{path}: truncated GGUF file: tensor {t.name} ends at byte {t.offset + t.n_bytes}, "
                                f"file has {size}")
     return cfg, tensors, meta
+
+
+def _layer_index(name: str, path) -> int:
+    """N of a `blk.N.` tensor name, checked before anything loops over layers."""
+    m = re.match(r"blk\.(\d{1,9})\.", name)
+    if not m or int(m.group(1)) >= LIMITS["num_hidden_layers"]:
+        raise WeightsError(f"{path}: tensor {name}: expected blk.N. with a layer index N below "
+                           f"{LIMITS['num_hidden_layers']}")
+    return int(m.group(1))
 
 
 def dequantize(path, t: TensorInfo, start: int = 0, stop: int | None = None) -> np.ndarray:
@@ -124,7 +140,7 @@ def dequantize(path, t: TensorInfo, start: int = 0, stop: int | None = None) -> 
     except NotImplementedError:
         raise WeightsError(f"{path}: tensor {t.name} has type {t.qtype.name}, "
                            f"which the gguf package cannot dequantize") from None
-    return out
+    return check_finite(out, t.name, path)
 
 
 class GGUFMatrix:

@@ -13,7 +13,10 @@ Format (documented in docs/quantization.md):
   refqwen.source_sha256, refqwen.version, refqwen.keep.
 """
 
+import numpy as np
+
 from refqwen import quant
+from refqwen.checkpoint.weights import check_finite
 from refqwen.errors import RefqwenError, WeightsError
 
 SCHEMES = tuple(quant.SCHEMES)
@@ -72,7 +75,7 @@ def _int8_reader(name, shape, header, read, source, scheme):
     if tuple(header[scale][1]) not in ((rows,), (rows, groups)):
         raise WeightsError(f"{source}: scales of {name} have shape {tuple(header[scale][1])}; expected ({rows},) per "
                            f"channel or ({rows}, {groups}) for groups of {quant.GROUP} over {cols} inputs")
-    return lambda: quant.QuantizedWeight(read(name), read(scale))
+    return lambda: quant.QuantizedWeight(read(name), check_finite(read(scale), scale, source))
 
 
 def _int4_reader(name, shape, header, read, source, group, scheme):
@@ -87,12 +90,25 @@ def _int4_reader(name, shape, header, read, source, group, scheme):
         if tuple(header[companion][1]) != (rows, cols // group):
             raise WeightsError(f"{source}: {companion} has shape {tuple(header[companion][1])}; expected "
                                f"({rows}, {cols // group}) for groups of {group} over {cols} inputs")
-    return lambda: quant.QuantizedInt4Weight(read(name), read(scale), read(zero), group)
+    return lambda: quant.QuantizedInt4Weight(read(name), check_finite(read(scale), scale, source),
+                                             _checked_zeros(read(zero), zero, source), group)
+
+
+def _checked_zeros(zeros: np.ndarray, name: str, source) -> np.ndarray:
+    """int4 zero points are 4-bit values stored one per byte: anything above 15 is corrupt."""
+    if zeros.size and zeros.max() > 15:
+        bad = np.unravel_index(np.argmax(zeros > 15), zeros.shape)
+        raise WeightsError(f"{source}: {name} holds zero point {zeros[bad]} at {tuple(int(i) for i in bad)}; "
+                           f"int4 zero points are 0..15")
+    return zeros
 
 
 def _companion(name, suffix, header, source, kind) -> str:
     other = name + suffix
+    what = "scales" if suffix == SCALE_SUFFIX else "zero points"
     if other not in header:
-        what = "scales" if suffix == SCALE_SUFFIX else "zero points"
         raise WeightsError(f"{source}: {kind} tensor {name} has no {what} ({other} is missing)")
+    dtype = "F32" if suffix == SCALE_SUFFIX else "U8"
+    if header[other][0] != dtype:
+        raise WeightsError(f"{source}: {what} {other} are {header[other][0]}; expected {dtype}")
     return other

@@ -68,6 +68,37 @@ def check_shapes(found: dict[str, tuple[int, ...]], cfg: Config, source: str, op
         raise WeightsError(f"{source}: checkpoint does not match its config:\n  " + "\n  ".join(problems) + tail)
 
 
+def check_finite(a: np.ndarray, name: str, source) -> np.ndarray:
+    """`a` unchanged if every value is finite; else a WeightsError naming the tensor. A NaN or an infinity
+    anywhere makes the float64 sum non-finite, so one pass with no temporary array decides."""
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: the NaN that answers the question
+        if np.isfinite(np.sum(a, dtype=np.float64)):
+            return a
+    bad = np.flatnonzero(~np.isfinite(np.asarray(a, np.float32).reshape(-1)))  # [n_bad]
+    where = np.unravel_index(bad[0], a.shape)
+    raise WeightsError(f"{source}: tensor {name} holds {len(bad)} NaN or infinite values (the first, "
+                       f"{a[where]}, at index {tuple(int(i) for i in where)}); refusing to run a model on them")
+
+
+def parameter_total(cfg: Config) -> int:
+    """The number of weights the config declares, computed without listing them."""
+    C, V, D = cfg.hidden_size, cfg.vocab_size, cfg.head_dim
+    attention = C * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * D + cfg.num_attention_heads * D * C
+    sparse = len(cfg.sparse_layers)
+    mlp = (cfg.num_hidden_layers - sparse) * 3 * C * cfg.intermediate_size
+    moe = sparse * (cfg.num_experts * 3 * C * cfg.moe_intermediate_size + 3 * C * cfg.shared_expert_intermediate_size)
+    return V * C * (1 if cfg.tie_word_embeddings else 2) + cfg.num_hidden_layers * attention + mlp + moe
+
+
+def check_declared_size(cfg: Config, file_bytes: int, source) -> None:
+    """Refuse a config that declares far more weights than the files can hold, before listing them.
+    No format refqwen reads stores a weight in less than one bit (GGUF's smallest, IQ1_S, uses 1.56)."""
+    needed = parameter_total(cfg) // 8
+    if needed > file_bytes:
+        raise WeightsError(f"{source}: the config declares {parameter_total(cfg):,} weights, which need at least "
+                           f"{needed:,} bytes, but the weight files hold {file_bytes:,} bytes")
+
+
 class LazyWeights(Mapping):
     """name -> float32 array, read from the checkpoint only when asked for and not kept here.
 

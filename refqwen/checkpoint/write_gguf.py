@@ -20,6 +20,7 @@ from refqwen.checkpoint.gguf import GLOBAL_NAMES, LAYER_NAMES, STACKED_EXPERTS, 
 from refqwen.checkpoint.open import open_checkpoint
 from refqwen.checkpoint.quantized import is_quantized_name, kept_names
 from refqwen.errors import RefqwenError
+from refqwen.files import clean_stale_partials, follow_umask, partial_prefix, sigterm_as_interrupt, write_errors
 
 Q8_0 = gguf.GGMLQuantizationType.Q8_0
 BLOCK = 32  # values per Q8_0 block, along a row
@@ -38,28 +39,35 @@ def write_gguf_checkpoint(source, out, keep=(), force: bool = False, progress: b
     path, cfg, weights, tokenizer = open_checkpoint(source, progress)
     layout = gguf_layout(cfg, weights.shapes)
     check_q8_alignment(layout, weights.shapes, floats)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.partial-")
-    os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(tmp, "qwen2" if cfg.model_type == "qwen2" else "qwen2moe")
-        add_hparams(writer, cfg)
-        writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        add_tokenizer(writer, path, tokenizer, cfg.vocab_size)
-        for name, sources in layout:
-            add_info(writer, name, sources, weights.shapes, floats)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for name, sources in tqdm(layout, desc="writing Q8_0 GGUF", unit="tensor", disable=not progress):
-            writer.write_tensor_data(encode(name, sources, weights, floats))
-        writer.close()
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with write_errors(out), sigterm_as_interrupt():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_partials(out)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=partial_prefix(out))
+        os.close(fd)
+        try:
+            _write_file(tmp, cfg, path, tokenizer, layout, weights, floats, progress)
+            follow_umask(Path(tmp))
+            os.replace(tmp, out)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
     return out
+
+
+def _write_file(tmp, cfg, path, tokenizer, layout, weights, floats, progress) -> None:
+    writer = gguf.GGUFWriter(tmp, "qwen2" if cfg.model_type == "qwen2" else "qwen2moe")
+    add_hparams(writer, cfg)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    add_tokenizer(writer, path, tokenizer, cfg.vocab_size)
+    for name, sources in layout:
+        add_info(writer, name, sources, weights.shapes, floats)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for name, sources in tqdm(layout, desc="writing Q8_0 GGUF", unit="tensor", disable=not progress):
+        writer.write_tensor_data(encode(name, sources, weights, floats))
+    writer.close()
 
 
 def gguf_layout(cfg, shapes: dict) -> list[tuple[str, list[str]]]:
@@ -152,6 +160,9 @@ def add_tokenizer(writer: gguf.GGUFWriter, path: Path, tokenizer, vocab_size: in
         tokens[i] = token
     special = {t.content for t in tokenizer.backend.get_added_tokens_decoder().values() if t.special}
     model = json.loads(tokenizer.backend.to_str())["model"]
+    if model.get("type") != "BPE":  # GGUF's gpt2 tokenizer is byte-level BPE: anything else would not read back
+        raise RefqwenError(f"{path}: the tokenizer is {model.get('type')}, not byte-level BPE; a GGUF cannot hold "
+                           f"it (nothing was written)")
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("qwen2")

@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
@@ -16,6 +17,7 @@ from refqwen import quant
 from refqwen.checkpoint.open import open_checkpoint
 from refqwen.checkpoint.quantized import SCALE_SUFFIX, SCHEMES, ZERO_SUFFIX, is_quantized_name, kept_names
 from refqwen.errors import RefqwenError
+from refqwen.files import clean_stale_partials, follow_umask, partial_prefix, sigterm_as_interrupt, write_errors
 
 SHARD_BYTES = 2 * 1024 ** 3  # default size limit of one safetensors file
 
@@ -38,29 +40,36 @@ def write_quantized_checkpoint(source, out, scheme: str = "int8-g32", keep=(), f
     path, cfg, weights, tokenizer = open_checkpoint(source, progress)
     check_alignment(weights.shapes, scheme, floats)
     metadata = _metadata(scheme, path, keep)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    try:
-        shards, pending, size = [], {}, 0
-        for name in tqdm(list(weights), desc=f"quantizing to {scheme}", unit="tensor", disable=not progress):
-            tensors = quantize_tensor(name, weights[name], scheme, floats)
-            pending.update(tensors)
-            size += sum(t.nbytes for t in tensors.values())
-            if size >= shard_bytes:
-                shards.append(_write_shard(tmp, len(shards), pending, metadata))
-                pending, size = {}, 0
-        if pending or not shards:
-            shards.append(_write_shard(tmp, len(shards), pending, metadata))
-        _name_shards(tmp, shards)
-        (tmp / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with write_errors(out), sigterm_as_interrupt():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_partials(out)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=partial_prefix(out)))
+        try:
+            _write_folder(tmp, weights, scheme, floats, metadata, shard_bytes, cfg, tokenizer, progress)
+            follow_umask(tmp)
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _write_folder(tmp: Path, weights, scheme, floats, metadata, shard_bytes, cfg, tokenizer, progress) -> None:
+    shards, pending, size = [], {}, 0
+    for name in tqdm(list(weights), desc=f"quantizing to {scheme}", unit="tensor", disable=not progress):
+        tensors = quantize_tensor(name, weights[name], scheme, floats)
+        pending.update(tensors)
+        size += sum(t.nbytes for t in tensors.values())
+        if size >= shard_bytes:
+            shards.append(_write_shard(tmp, len(shards), pending, metadata))
+            pending, size = {}, 0
+    if pending or not shards:
+        shards.append(_write_shard(tmp, len(shards), pending, metadata))
+    _name_shards(tmp, shards)
+    (tmp / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
+    if tokenizer is not None:
+        tokenizer.save(tmp)
 
 
 def quantize_tensor(name: str, w, scheme: str, floats=frozenset()) -> dict[str, np.ndarray]:
@@ -89,15 +98,23 @@ def check_alignment(shapes: dict, scheme: str, floats=frozenset()) -> None:
 
 
 def source_sha256(path: Path) -> str:
-    """sha256 of a checkpoint: of the file, or of a folder's files (names and contents, sorted by name)."""
+    """sha256 of a checkpoint: of the file, or of a folder's regular files, subfolders included (relative
+    names and contents, sorted by name; named pipes, devices and links to folders are skipped)."""
     digest = hashlib.sha256()
-    for file in sorted(path.iterdir()) if path.is_dir() else [path]:
+    for file in _regular_files(path) if path.is_dir() else [path]:
         if path.is_dir():
-            digest.update(file.name.encode() + b"\0")
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
         with open(file, "rb") as f:
             for block in iter(lambda: f.read(1 << 24), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def _regular_files(folder: Path) -> list[Path]:
+    found = []
+    for root, _, names in os.walk(folder):  # does not follow links to folders, so it cannot loop
+        found += [Path(root) / n for n in names if (Path(root) / n).is_file()]
+    return sorted(found, key=lambda f: f.relative_to(folder).as_posix())
 
 
 def _metadata(scheme: str, path: Path, keep) -> dict[str, str]:
@@ -111,7 +128,10 @@ def _metadata(scheme: str, path: Path, keep) -> dict[str, str]:
 
 def _write_shard(folder: Path, index: int, tensors: dict, metadata: dict) -> tuple[Path, list[str]]:
     path = folder / f"shard-{index}.tmp"
-    save_file(tensors, str(path), metadata=metadata)
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:  # the library's wrapper around an OSError (disk full, ...)
+        raise OSError(f"writing {path.name}: {e}") from None
     return path, list(tensors)
 
 

@@ -6,7 +6,6 @@ rotary frequencies and YaRN attention factor) lives in the "Derived values" sect
 below and nowhere else, so there is one place to read and one place to check.
 """
 
-import json
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -14,13 +13,22 @@ from pathlib import Path
 
 import numpy as np
 
-from refqwen.errors import ConfigError
+from refqwen.errors import ConfigError, RefqwenError
+from refqwen.files import read_json
 from refqwen.model import rope
 
 # Hugging Face class name -> our model_type; GGUF general.architecture -> our model_type.
 HF_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen2MoeForCausalLM": "qwen2_moe"}
 GGUF_ARCHITECTURES = {"qwen2": "qwen2", "qwen2moe": "qwen2_moe"}
 LAYER_TYPES = ("full_attention", "sliding_attention")
+# Upper bounds on what a config may declare, checked before anything is allocated or looped over
+# (docs/security.md). Each is far above every released Qwen2/Qwen3 model (the largest: 80 layers,
+# hidden 8192, MLP 29568, 151936 tokens, 128 experts, 131072 positions with YaRN).
+LIMITS = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 20, "num_hidden_layers": 1024,
+          "num_attention_heads": 1024, "num_key_value_heads": 1024, "num_experts": 1024,
+          "moe_intermediate_size": 1 << 20, "shared_expert_intermediate_size": 1 << 20,
+          "max_position_embeddings": 1 << 24, "sliding_window": 1 << 24}
+MAX_EXPERT_LAYERS = 1 << 16  # num_hidden_layers x num_experts: the expert tensors a checkpoint may list
 
 
 @dataclass(frozen=True)
@@ -71,7 +79,9 @@ class Config:
 
         need(self.model_type in ("qwen2", "qwen2_moe"), f"model_type {self.model_type!r} is not qwen2 or qwen2_moe")
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, f"{name} must be a positive integer")
+            need(_is_int(getattr(self, name)) and getattr(self, name) > 0,
+                 f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        _check_fields(self, need)
         need(self.hidden_size % self.num_attention_heads == 0,
              f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}")
         need(self.num_attention_heads % self.num_key_value_heads == 0,
@@ -162,17 +172,19 @@ class Config:
     @classmethod
     def from_hf_file(cls, path) -> "Config":
         path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"{path}: no config.json (a Hugging Face model folder needs one)")
         try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no config.json (a Hugging Face model folder needs one)") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+            raw = read_json(path, "config.json")
+        except RefqwenError as e:
+            raise ConfigError(str(e)) from None
         return cls.from_hf_dict(raw, source=str(path))
 
     @classmethod
     def from_hf_dict(cls, raw: dict, source: str = "config.json") -> "Config":
         """Build from the keys of a Hugging Face config.json (transformers 4.x or 5.x)."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a JSON object, found {type(raw).__name__}")
         model_type = _hf_model_type(raw, source)
 
         def key(name, default=_REQUIRED):
@@ -182,8 +194,12 @@ class Config:
                 raise ConfigError(f"{source}: missing key {name!r}, required for {model_type}")
             return default
 
-        theta, scaling = _hf_rope(raw, source)
-        eos = key("eos_token_id", None)
+        try:
+            theta, scaling = _hf_rope(raw, source)
+        except (TypeError, ValueError, AttributeError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"{source}: invalid rope_theta / rope_scaling / rope_parameters ({e})") from None
         fields = dict(
             model_type=model_type,
             vocab_size=key("vocab_size"),
@@ -192,28 +208,29 @@ class Config:
             num_attention_heads=key("num_attention_heads"),
             num_key_value_heads=key("num_key_value_heads", key("num_attention_heads")),
             intermediate_size=key("intermediate_size"),
-            rms_norm_eps=float(key("rms_norm_eps", 1e-6)),
-            rope_theta=float(theta),
+            rms_norm_eps=_hf_number(key("rms_norm_eps", 1e-6), "rms_norm_eps", source),
+            rope_theta=_hf_number(theta, "rope_theta", source),
             rope_scaling=scaling,
             max_position_embeddings=key("max_position_embeddings", 32768),
-            tie_word_embeddings=bool(key("tie_word_embeddings", False)),
-            sliding_window=key("sliding_window", None) if key("use_sliding_window", False) else None,
+            tie_word_embeddings=_hf_bool(key("tie_word_embeddings", False), "tie_word_embeddings", source),
+            sliding_window=key("sliding_window", None)
+            if _hf_bool(key("use_sliding_window", False), "use_sliding_window", source) else None,
             max_window_layers=key("max_window_layers", 28),
-            layer_types=tuple(raw["layer_types"]) if raw.get("layer_types") else None,
-            eos_token_ids=tuple([eos] if isinstance(eos, int) else eos or []),
+            layer_types=_hf_list(raw["layer_types"], "layer_types", source) if raw.get("layer_types") else None,
+            eos_token_ids=_hf_list(key("eos_token_id", None), "eos_token_id", source),
         )
         if model_type == "qwen2_moe":
             fields.update(
-                qkv_bias=bool(key("qkv_bias", True)),
+                qkv_bias=_hf_bool(key("qkv_bias", True), "qkv_bias", source),
                 num_experts=key("num_experts"),
                 num_experts_per_tok=key("num_experts_per_tok"),
                 moe_intermediate_size=key("moe_intermediate_size"),
                 shared_expert_intermediate_size=key("shared_expert_intermediate_size"),
-                norm_topk_prob=bool(key("norm_topk_prob", False)),
+                norm_topk_prob=_hf_bool(key("norm_topk_prob", False), "norm_topk_prob", source),
                 decoder_sparse_step=key("decoder_sparse_step", 1),
-                mlp_only_layers=tuple(key("mlp_only_layers", ())),
+                mlp_only_layers=_hf_list(key("mlp_only_layers", None), "mlp_only_layers", source),
             )
-        return cls(**fields)
+        return _build(cls, fields, source)
 
     @classmethod
     def from_gguf_metadata(cls, meta: dict, vocab_size: int, has_output: bool, dense_layers: tuple[int, ...],
@@ -222,7 +239,7 @@ class Config:
         the embedding's vocabulary size, whether it stores an output matrix (else tied), and which
         layers of an MoE model have no router (GGUF has no key for decoder_sparse_step)."""
         arch = meta.get("general.architecture")
-        if arch not in GGUF_ARCHITECTURES:
+        if not isinstance(arch, str) or arch not in GGUF_ARCHITECTURES:
             raise ConfigError(f"{source}: GGUF architecture {arch!r} is not supported; "
                               f"refqwen runs {sorted(GGUF_ARCHITECTURES)}")
 
@@ -237,8 +254,8 @@ class Config:
         heads = key("attention.head_count")
         scaling = None
         if key("rope.scaling.type", "none") == "yarn":
-            scaling = YarnScaling(factor=float(key("rope.scaling.factor")),
-                                  original_max_position_embeddings=int(key("rope.scaling.original_context_length")))
+            scaling = YarnScaling(factor=_hf_number(key("rope.scaling.factor"), "rope.scaling.factor", source),
+                                  original_max_position_embeddings=key("rope.scaling.original_context_length"))
         eos = meta.get("tokenizer.ggml.eos_token_id")
         fields = dict(
             model_type=GGUF_ARCHITECTURES[arch],
@@ -248,12 +265,12 @@ class Config:
             num_attention_heads=heads,
             num_key_value_heads=key("attention.head_count_kv", heads),
             intermediate_size=key("feed_forward_length"),
-            rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
-            rope_theta=float(key("rope.freq_base", 10000.0)),
+            rms_norm_eps=_hf_number(key("attention.layer_norm_rms_epsilon"), "layer_norm_rms_epsilon", source),
+            rope_theta=_hf_number(key("rope.freq_base", 10000.0), "rope.freq_base", source),
             rope_scaling=scaling,
             max_position_embeddings=key("context_length"),
             tie_word_embeddings=not has_output,
-            eos_token_ids=() if eos is None else (int(eos),),
+            eos_token_ids=_hf_list(eos, "tokenizer.ggml.eos_token_id", source),
         )
         if fields["model_type"] == "qwen2_moe":
             fields.update(
@@ -263,14 +280,90 @@ class Config:
                 shared_expert_intermediate_size=key("expert_shared_feed_forward_length"),
                 mlp_only_layers=tuple(dense_layers),
             )
-        return cls(**fields)
+        return _build(cls, fields, source)
 
 
 _REQUIRED = object()
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_fields(cfg: "Config", need) -> None:
+    """Types, signs and the LIMITS of the fields every loader fills in (the rope_scaling details are
+    checked where they are read, in _hf_rope)."""
+    for name, limit in LIMITS.items():
+        value = getattr(cfg, name)
+        if name == "sliding_window" and value is None:
+            continue
+        need(_is_int(value) and value >= 0, f"{name} must be a non-negative integer, got {value!r}")
+        need(value <= limit, f"{name} = {value} is above refqwen's limit of {limit} (docs/security.md)")
+    need(cfg.intermediate_size > 0, "intermediate_size must be positive")
+    need(cfg.max_position_embeddings > 0, "max_position_embeddings must be positive")
+    need(_is_number(cfg.rms_norm_eps) and cfg.rms_norm_eps > 0,
+         f"rms_norm_eps must be a positive number (a zero or negative one divides by zero or takes the root of a "
+         f"negative number), got {cfg.rms_norm_eps!r}")
+    need(_is_number(cfg.rope_theta) and cfg.rope_theta > 0, f"rope_theta must be a positive number, "
+                                                            f"got {cfg.rope_theta!r}")
+    for name in ("tie_word_embeddings", "qkv_bias", "norm_topk_prob"):
+        need(isinstance(getattr(cfg, name), (bool, np.bool_)), f"{name} must be true or false, "
+                                                               f"got {getattr(cfg, name)!r}")
+    for name in ("max_window_layers", "num_experts_per_tok", "decoder_sparse_step"):
+        need(_is_int(getattr(cfg, name)) and getattr(cfg, name) >= 0,
+             f"{name} must be a non-negative integer, got {getattr(cfg, name)!r}")
+    need(cfg.num_hidden_layers * cfg.num_experts <= MAX_EXPERT_LAYERS,
+         f"num_hidden_layers x num_experts = {cfg.num_hidden_layers * cfg.num_experts} is above refqwen's limit "
+         f"of {MAX_EXPERT_LAYERS} (docs/security.md)")
+    need(isinstance(cfg.mlp_only_layers, tuple) and all(_is_int(i) and 0 <= i < cfg.num_hidden_layers
+                                                        for i in cfg.mlp_only_layers),
+         f"mlp_only_layers must list layer indices in 0..{cfg.num_hidden_layers - 1}, got {cfg.mlp_only_layers!r}")
+    need(isinstance(cfg.eos_token_ids, tuple) and all(_is_int(i) and i >= 0 for i in cfg.eos_token_ids),
+         f"eos_token_id must be a token id or a list of them, got {cfg.eos_token_ids!r}")
+    need(cfg.layer_types is None or isinstance(cfg.layer_types, tuple),
+         f"layer_types must be a list, got {cfg.layer_types!r}")
+
+
+def _hf_list(value, name: str, source: str) -> tuple:
+    """A config.json list (or a single integer, as eos_token_id may be) as a tuple."""
+    if value is None:
+        return ()
+    if _is_int(value):
+        return (value,)
+    if not isinstance(value, list):
+        raise ConfigError(f"{source}: {name} must be a list, got {value!r}")
+    return tuple(value)
+
+
+def _hf_number(value, name: str, source: str) -> float:
+    if not _is_number(value):
+        raise ConfigError(f"{source}: {name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _hf_bool(value, name: str, source: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{source}: {name} must be true or false, got {value!r}")
+    return value
+
+
+def _build(cls, fields: dict, source: str) -> "Config":
+    try:
+        return cls(**fields)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    except TypeError as e:  # a comparison in a check met a value of the wrong type
+        raise ConfigError(f"{source}: invalid Qwen2 config: {e}") from None
+
+
 def _hf_model_type(raw: dict, source: str) -> str:
     archs = raw.get("architectures") or []
+    if not isinstance(archs, list):
+        raise ConfigError(f"{source}: architectures must be a list, got {archs!r}")
     for arch in archs:
         if arch in HF_ARCHITECTURES:
             return HF_ARCHITECTURES[arch]

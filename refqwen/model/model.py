@@ -71,7 +71,9 @@ class Model:
 
     def new_cache(self) -> KVCache:
         cfg = self.config
-        return self.ops.new_cache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
+        cache = self.ops.new_cache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
+        cache.config = cfg  # logits refuses a cache made for a model with another config
+        return cache
 
     def forward(self, ids, cache: KVCache | None = None, last_only: bool = False) -> np.ndarray:
         """Logits for each of the T new token ids, [T, V] float32 NumPy ([1, V] with last_only).
@@ -83,7 +85,7 @@ class Model:
     def logits(self, ids, cache: KVCache | None = None, last_only: bool = False):
         """forward's logits where the backend keeps them (on the GPU for a GPU backend)."""
         ids = self._check_ids(ids)
-        cache = cache if cache is not None else self.new_cache()
+        cache = self._check_cache(cache) if cache is not None else self.new_cache()
         start = cache.length  # position of the first new token
         if start + len(ids) > self.config.max_position_embeddings:
             raise RefqwenError(f"{start} cached + {len(ids)} new tokens exceed the context window of "
@@ -113,6 +115,11 @@ class Model:
         from refqwen.generate import stream
 
         return stream(self, prompt, max_new_tokens, **options)
+
+    def _check_cache(self, cache):
+        if getattr(cache, "config", self.config) != self.config or len(cache.layers) != self.config.num_hidden_layers:
+            raise RefqwenError("this KV cache was made for a model with another config; use model.new_cache()")
+        return cache
 
     def _check_ids(self, ids) -> np.ndarray:
         ids = np.asarray(ids)
