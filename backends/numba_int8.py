@@ -22,6 +22,7 @@ attention and the MoE router stay in float32 (the reference's code).
 import numpy as np
 
 from refqwen import quant
+from refqwen.backends import vnni
 from refqwen.errors import WeightsError
 from refqwen.model.ops import Backend
 from refqwen.quant import QUANTIZED, QuantizedInt4Weight, QuantizedWeight
@@ -43,6 +44,9 @@ class NumbaInt8Backend(Backend):
     runs_schemes = tuple(quant.SCHEMES)
     quantize_activations = False
 
+    def __init__(self):
+        self.int8_path = vnni.path()  # "vnni" or "portable" (REFQWEN_INT8_PATH forces one)
+
     @classmethod
     def unavailable_reason(cls):
         return None if numba is not None else "numba is not installed (pip install numba)"
@@ -55,6 +59,9 @@ class NumbaInt8Backend(Backend):
         gemv_w8a8(q, np.ones((2, 2), np.float32), q[0], np.ones(2, np.float32), y)
         packed, ones = np.ones((2, 16), np.uint8), np.ones((2, 1), np.float32)
         gemv_int4(packed, ones, np.ones((2, 1), np.uint8), 32, x[:16], x[16:32], y)
+        if self.quantize_activations and self.int8_path == "vnni":
+            vnni.matmul_w8a8(np.ones((5, 70), np.int8), np.ones((5, 3), np.float32), np.ones((2, 70), np.int8),
+                             np.ones((2, 3), np.float32), "vnni")
 
     def prepare_linear(self, name, weight):
         if isinstance(weight, QUANTIZED):  # a pre-quantized checkpoint runs as it is
@@ -75,6 +82,8 @@ class NumbaInt8Backend(Backend):
         x = np.ascontiguousarray(x, np.float32)
         if T <= GEMV_MAX_TOKENS:
             y = self._gemv(x, weight)
+        elif self.uses_vnni(weight):  # int8 x int8 register tiles, exact int32 group sums
+            y = vnni.linear_w8a8(x, weight, "vnni")
         else:
             if self.quantize_activations:  # same products as the int32 kernel, summed by BLAS in float32
                 x = quant.dequantize(*quant.quantize_activations(x))
@@ -83,6 +92,12 @@ class NumbaInt8Backend(Backend):
                 r1 = min(r0 + TILE_ROWS, weight.shape[0])
                 y[:, r0:r1] = x @ weight.rows(r0, r1).T
         return y if bias is None else y + bias
+
+    def uses_vnni(self, weight) -> bool:
+        """Whether prefill of this weight runs the VNNI GEMM: only where activations are int8 anyway
+        (numba-w8a8), so no backend's numerics change with the CPU beyond the order of float32 sums."""
+        return (self.quantize_activations and self.int8_path == "vnni" and isinstance(weight, QuantizedWeight)
+                and weight.scales.ndim == 2)
 
     def _gemv(self, x, w: QuantizedWeight) -> np.ndarray:
         y = np.empty((x.shape[0], w.shape[0]), np.float32)
