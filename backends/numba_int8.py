@@ -19,7 +19,11 @@ The embedding is stored the same way and dequantized row by row on lookup. Norms
 attention and the MoE router stay in float32 (the reference's code).
 """
 
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from refqwen import quant
 from refqwen.backends import vnni
@@ -35,6 +39,18 @@ except ImportError:  # reported by unavailable_reason()
 
 GEMV_MAX_TOKENS = 4  # up to this many tokens, GEMV per token; above, dequantized tiles into BLAS
 TILE_ROWS = 2048  # weight rows dequantized per BLAS call in prefill (2048 x 4864 floats = 40 MB at most)
+
+
+_BLAS = []  # the ThreadpoolController, made on first use (it inspects the loaded libraries)
+
+
+@contextmanager
+def single_threaded_blas():
+    """BLAS (OpenBLAS, MKL, ...) limited to the calling thread for the duration."""
+    if not _BLAS:
+        _BLAS.append(ThreadpoolController())
+    with _BLAS[0].limit(limits=1, user_api="blas"):
+        yield
 
 
 class NumbaInt8Backend(Backend):
@@ -77,6 +93,11 @@ class NumbaInt8Backend(Backend):
     def embed(self, ids, table) -> np.ndarray:
         return table.take(ids)  # [T, C]
 
+    def decode(self, model, token: int, cache):
+        """One token with Numba's workers only: whatever BLAS the step's float ops call runs single-threaded."""
+        with single_threaded_blas():
+            return super().decode(model, token, cache)
+
     def linear(self, x, weight: QuantizedWeight, bias=None):
         T = x.shape[0]
         x = np.ascontiguousarray(x, np.float32)
@@ -87,11 +108,29 @@ class NumbaInt8Backend(Backend):
         else:
             if self.quantize_activations:  # same products as the int32 kernel, summed by BLAS in float32
                 x = quant.dequantize(*quant.quantize_activations(x))
-            y = np.empty((T, weight.shape[0]), np.float32)
-            for r0 in range(0, weight.shape[0], TILE_ROWS):
-                r1 = min(r0 + TILE_ROWS, weight.shape[0])
-                y[:, r0:r1] = x @ weight.rows(r0, r1).T
+            y = self._blas_tiles(x, weight)
         return y if bias is None else y + bias
+
+    def _blas_tiles(self, x, weight) -> np.ndarray:
+        """x [T, I] @ dequantized row tiles of the weight -> [T, O]. The tiles are shared among this
+        backend's own threads, each running single-threaded BLAS: OpenBLAS's workers, which otherwise keep
+        spinning after a call, never compete with Numba's (measured in docs/backends.md)."""
+        T, O = x.shape[0], weight.shape[0]
+        y = np.empty((T, O), np.float32)
+        workers = self._workers()
+        rows = min(TILE_ROWS, -(-O // workers._max_workers))  # at least one tile per thread
+
+        def tile(r0):
+            y[:, r0:r0 + rows] = x @ weight.rows(r0, min(r0 + rows, O)).T  # NumPy releases the GIL here
+
+        with single_threaded_blas():
+            list(workers.map(tile, range(0, O, rows)))
+        return y
+
+    def _workers(self):
+        if getattr(self, "_pool", None) is None:
+            self._pool = ThreadPoolExecutor(numba.get_num_threads(), thread_name_prefix="refqwen-blas")
+        return self._pool
 
     def uses_vnni(self, weight) -> bool:
         """Whether prefill of this weight runs the VNNI GEMM: only where activations are int8 anyway
