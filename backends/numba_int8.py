@@ -60,8 +60,11 @@ class NumbaInt8Backend(Backend):
     runs_schemes = tuple(quant.SCHEMES)
     quantize_activations = False
 
+    fuse_projections = True  # q/k/v and gate/up decode as one matrix each (FusedProjections)
+
     def __init__(self):
         self.int8_path = vnni.path()  # "vnni" or "portable" (REFQWEN_INT8_PATH forces one)
+        self._fusion = Fusion()
 
     @classmethod
     def unavailable_reason(cls):
@@ -80,6 +83,13 @@ class NumbaInt8Backend(Backend):
                              np.ones((2, 3), np.float32), "vnni")
 
     def prepare_linear(self, name, weight):
+        prepared = self.convert_linear(name, weight)
+        if self.fuse_projections:
+            self._fusion.add(name, prepared)
+        return prepared
+
+    def convert_linear(self, name, weight):
+        """One weight in this backend's form."""
         if isinstance(weight, QUANTIZED):  # a pre-quantized checkpoint runs as it is
             if weight.scheme not in self.runs_schemes:
                 raise WeightsError(f"{name} is {weight.scheme}; backend {self.name} runs "
@@ -99,7 +109,9 @@ class NumbaInt8Backend(Backend):
             return super().decode(model, token, cache)
 
     def linear(self, x, weight: QuantizedWeight, bias=None):
-        T = x.shape[0]
+        T, fused = x.shape[0], getattr(weight, "fused", None)
+        if T <= GEMV_MAX_TOKENS and fused is not None:
+            return self._add(fused.output(x, weight, self._gemv), bias)  # siblings share one pass
         x = np.ascontiguousarray(x, np.float32)
         if T <= GEMV_MAX_TOKENS:
             y = self._gemv(x, weight)
@@ -109,6 +121,10 @@ class NumbaInt8Backend(Backend):
             if self.quantize_activations:  # same products as the int32 kernel, summed by BLAS in float32
                 x = quant.dequantize(*quant.quantize_activations(x))
             y = self._blas_tiles(x, weight)
+        return self._add(y, bias)
+
+    @staticmethod
+    def _add(y, bias):
         return y if bias is None else y + bias
 
     def _blas_tiles(self, x, weight) -> np.ndarray:
@@ -167,11 +183,11 @@ class NumbaInt4Backend(NumbaInt8Backend):
     description = "int4 weights in groups of 32 with zero points, float32 activations (Numba)"
     layout = "int4-g32"
 
-    def prepare_linear(self, name, weight):
+    def convert_linear(self, name, weight):
         bits, group = quant.SCHEMES[self.layout]
         if bits == 4 and not isinstance(weight, QUANTIZED) and weight.shape[1] % group:
             return quant.quantize_scheme(weight, "int8-g32", name)
-        return super().prepare_linear(name, weight)
+        return super().convert_linear(name, weight)
 
 
 class NumbaW8A8Backend(NumbaInt8Backend):
@@ -179,6 +195,69 @@ class NumbaW8A8Backend(NumbaInt8Backend):
     description = "int8 weights in groups of 32 and int8 activations per token and group of 32, int32 dots (Numba)"
     runs_schemes = ("int8-g32",)
     quantize_activations = True
+
+
+# ---- projections that share an input, decoded as one matrix ----------------------------------------
+
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # siblings that read the same x
+
+
+class Fusion:
+    """Collects sibling weights as they are prepared (names "<block>.<proj>.weight") and, once a group is
+    complete, stores them as one matrix: each member's arrays become row views of it (no second copy)."""
+
+    def __init__(self):
+        self.pending = {}  # (block, group) -> {proj: weight}
+
+    def add(self, name, weight):
+        block, _, proj = name.removesuffix(".weight").rpartition(".")
+        for group in FUSED:
+            if proj in group:
+                members = self.pending.setdefault((block, group), {})
+                members[proj] = weight
+                if len(members) == len(group):
+                    FusedProjections.join([members[p] for p in group])
+                    del self.pending[(block, group)]
+
+
+class FusedProjections:
+    """Several weights that read the same input, as one matrix: a decode step runs one GEMV (one parallel
+    call, one pass over x) for all of them. The model still calls linear once per member with the same x:
+    the first call computes every member's rows, the others take theirs from that result. A member asked
+    again, or with another x, recomputes: a result is never served for an input it was not computed from."""
+
+    def __init__(self, weight, rows):
+        self.weight, self.rows = weight, rows  # the joined matrix; id(member) -> (first row, end row)
+        self.x, self.y, self.waiting = None, None, set()
+
+    @classmethod
+    def join(cls, members):
+        """Store members (all int8 with the same scale layout, or all int4 with the same group) as one matrix."""
+        kinds = {(type(m), m.shape[1], m.scheme) for m in members}
+        if len(kinds) != 1:
+            return  # mixed schemes (a pre-quantized checkpoint may mix them): each stays on its own
+        arrays = ("q_packed", "scales", "zeros") if isinstance(members[0], QuantizedInt4Weight) else ("q", "scales")
+        joined = {a: np.concatenate([getattr(m, a) for m in members]) for a in arrays}
+        weight = (QuantizedInt4Weight(**joined, group=members[0].group) if "zeros" in joined
+                  else QuantizedWeight(**joined))
+        rows, r0 = {}, 0
+        fused = cls(weight, rows)
+        for m in members:
+            r1 = r0 + m.shape[0]
+            for a in arrays:
+                setattr(m, a, joined[a][r0:r1])  # a view: the member's own copy is freed
+            rows[id(m)], m.fused, r0 = (r0, r1), fused, r1
+
+    def output(self, x, member, gemv):
+        """member's rows of (the joined matrix times x), x [T, I] -> [T, rows of member]"""
+        if x is not self.x or id(member) not in self.waiting:
+            self.x, self.y, self.waiting = x, gemv(np.ascontiguousarray(x, np.float32), self.weight), set(self.rows)
+        self.waiting.discard(id(member))
+        r0, r1 = self.rows[id(member)]
+        y = self.y[:, r0:r1]
+        if not self.waiting:
+            self.x = self.y = None  # every member served: hold no arrays between steps
+        return y
 
 
 # ---- kernels: y[o] = sum over the input of w[o, j] x[j], one output row per parallel task ---------
