@@ -19,7 +19,6 @@ The embedding is stored the same way and dequantized row by row on lookup. Norms
 attention and the MoE router stay in float32 (the reference's code).
 """
 
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numpy as np
@@ -128,25 +127,15 @@ class NumbaInt8Backend(Backend):
         return y if bias is None else y + bias
 
     def _blas_tiles(self, x, weight) -> np.ndarray:
-        """x [T, I] @ dequantized row tiles of the weight -> [T, O]. The tiles are shared among this
-        backend's own threads, each running single-threaded BLAS: OpenBLAS's workers, which otherwise keep
-        spinning after a call, never compete with Numba's (measured in docs/backends.md)."""
-        T, O = x.shape[0], weight.shape[0]
-        y = np.empty((T, O), np.float32)
-        workers = self._workers()
-        rows = min(TILE_ROWS, -(-O // workers._max_workers))  # at least one tile per thread
-
-        def tile(r0):
-            y[:, r0:r0 + rows] = x @ weight.rows(r0, min(r0 + rows, O)).T  # NumPy releases the GIL here
-
-        with single_threaded_blas():
-            list(workers.map(tile, range(0, O, rows)))
+        """x [T, I] @ dequantized row tiles of the weight -> [T, O], each tile one multi-threaded BLAS call.
+        (Splitting the tiles among our own threads with single-threaded BLAS would keep OpenBLAS's workers
+        from spinning after the prefill, but changes the float32 sums: the reference computes x @ Wᵀ in one
+        call, and a checkpoint's integers must give its exact logits here, tests/test_quantized_checkpoint.py.)"""
+        y = np.empty((x.shape[0], weight.shape[0]), np.float32)
+        for r0 in range(0, weight.shape[0], TILE_ROWS):
+            r1 = min(r0 + TILE_ROWS, weight.shape[0])
+            y[:, r0:r1] = x @ weight.rows(r0, r1).T
         return y
-
-    def _workers(self):
-        if getattr(self, "_pool", None) is None:
-            self._pool = ThreadPoolExecutor(numba.get_num_threads(), thread_name_prefix="refqwen-blas")
-        return self._pool
 
     def uses_vnni(self, weight) -> bool:
         """Whether prefill of this weight runs the VNNI GEMM: only where activations are int8 anyway
