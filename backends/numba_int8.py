@@ -13,10 +13,13 @@ int8-g32, int4-g32, int4-g128); their `layout` only decides how a float checkpoi
 load. numba-w8a8 runs int8-g32 weights only.
 
 Decode (one token) is a parallel GEMV that streams each int8 row once: it is memory-bound,
-and int8 reads a quarter of float32's bytes. Prefill (many tokens) dequantizes row tiles of
-the weight into float32 and hands them to BLAS, which is faster than any loop we could write.
-The embedding is stored the same way and dequantized row by row on lookup. Norms, rotary,
-attention and the MoE router stay in float32 (the reference's code).
+and int8 reads a quarter of float32's bytes. Projections that read the same input (q/k/v,
+gate/up) are joined into one matrix at load time and decode as one GEMV (FusedProjections).
+Prefill (many tokens) dequantizes row tiles of the weight into float32 and hands them to BLAS;
+numba-w8a8 on a CPU with AVX-512 VNNI multiplies int8 by int8 in register tiles instead
+(backends/vnni.py; REFQWEN_INT8_PATH forces a path). The embedding is stored the same way and
+dequantized row by row on lookup. Norms, rotary, attention and the MoE router stay in float32
+(the reference's code). docs/backends.md describes each kernel and its measured speed.
 """
 
 from contextlib import contextmanager
