@@ -13,15 +13,22 @@ int8-g32, int4-g32, int4-g128); their `layout` only decides how a float checkpoi
 load. numba-w8a8 runs int8-g32 weights only.
 
 Decode (one token) is a parallel GEMV that streams each int8 row once: it is memory-bound,
-and int8 reads a quarter of float32's bytes. Prefill (many tokens) dequantizes row tiles of
-the weight into float32 and hands them to BLAS, which is faster than any loop we could write.
-The embedding is stored the same way and dequantized row by row on lookup. Norms, rotary,
-attention and the MoE router stay in float32 (the reference's code).
+and int8 reads a quarter of float32's bytes. Projections that read the same input (q/k/v,
+gate/up) are joined into one matrix at load time and decode as one GEMV (FusedProjections).
+Prefill (many tokens) dequantizes row tiles of the weight into float32 and hands them to BLAS;
+numba-w8a8 on a CPU with AVX-512 VNNI multiplies int8 by int8 in register tiles instead
+(backends/vnni.py; REFQWEN_INT8_PATH forces a path). The embedding is stored the same way and
+dequantized row by row on lookup. Norms, rotary, attention and the MoE router stay in float32
+(the reference's code). docs/backends.md describes each kernel and its measured speed.
 """
 
+from contextlib import contextmanager
+
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from refqwen import quant
+from refqwen.backends import vnni
 from refqwen.errors import WeightsError
 from refqwen.model.ops import Backend
 from refqwen.quant import QUANTIZED, QuantizedInt4Weight, QuantizedWeight
@@ -36,12 +43,30 @@ GEMV_MAX_TOKENS = 4  # up to this many tokens, GEMV per token; above, dequantize
 TILE_ROWS = 2048  # weight rows dequantized per BLAS call in prefill (2048 x 4864 floats = 40 MB at most)
 
 
+_BLAS = []  # the ThreadpoolController, made on first use (it inspects the loaded libraries)
+
+
+@contextmanager
+def single_threaded_blas():
+    """BLAS (OpenBLAS, MKL, ...) limited to the calling thread for the duration."""
+    if not _BLAS:
+        _BLAS.append(ThreadpoolController())
+    with _BLAS[0].limit(limits=1, user_api="blas"):
+        yield
+
+
 class NumbaInt8Backend(Backend):
     name = "numba-int8"
     description = "int8 weights in groups of 32, float32 activations (Numba)"
     layout = "int8-g32"  # the scheme a float checkpoint is quantized to on load
     runs_schemes = tuple(quant.SCHEMES)
     quantize_activations = False
+
+    fuse_projections = True  # q/k/v and gate/up decode as one matrix each (FusedProjections)
+
+    def __init__(self):
+        self.int8_path = vnni.path()  # "vnni" or "portable" (REFQWEN_INT8_PATH forces one)
+        self._fusion = Fusion()
 
     @classmethod
     def unavailable_reason(cls):
@@ -55,8 +80,18 @@ class NumbaInt8Backend(Backend):
         gemv_w8a8(q, np.ones((2, 2), np.float32), q[0], np.ones(2, np.float32), y)
         packed, ones = np.ones((2, 16), np.uint8), np.ones((2, 1), np.float32)
         gemv_int4(packed, ones, np.ones((2, 1), np.uint8), 32, x[:16], x[16:32], y)
+        if self.quantize_activations and self.int8_path == "vnni":
+            vnni.matmul_w8a8(np.ones((5, 70), np.int8), np.ones((5, 3), np.float32), np.ones((2, 70), np.int8),
+                             np.ones((2, 3), np.float32), "vnni")
 
     def prepare_linear(self, name, weight):
+        prepared = self.convert_linear(name, weight)
+        if self.fuse_projections:
+            self._fusion.add(name, prepared)
+        return prepared
+
+    def convert_linear(self, name, weight):
+        """One weight in this backend's form."""
         if isinstance(weight, QUANTIZED):  # a pre-quantized checkpoint runs as it is
             if weight.scheme not in self.runs_schemes:
                 raise WeightsError(f"{name} is {weight.scheme}; backend {self.name} runs "
@@ -70,19 +105,46 @@ class NumbaInt8Backend(Backend):
     def embed(self, ids, table) -> np.ndarray:
         return table.take(ids)  # [T, C]
 
+    def decode(self, model, token: int, cache):
+        """One token with Numba's workers only: whatever BLAS the step's float ops call runs single-threaded."""
+        with single_threaded_blas():
+            return super().decode(model, token, cache)
+
     def linear(self, x, weight: QuantizedWeight, bias=None):
-        T = x.shape[0]
+        T, fused = x.shape[0], getattr(weight, "fused", None)
+        if T <= GEMV_MAX_TOKENS and fused is not None:
+            return self._add(fused.output(x, weight, self._gemv), bias)  # siblings share one pass
         x = np.ascontiguousarray(x, np.float32)
         if T <= GEMV_MAX_TOKENS:
             y = self._gemv(x, weight)
+        elif self.uses_vnni(weight):  # int8 x int8 register tiles, exact int32 group sums
+            y = vnni.linear_w8a8(x, weight, "vnni")
         else:
             if self.quantize_activations:  # same products as the int32 kernel, summed by BLAS in float32
                 x = quant.dequantize(*quant.quantize_activations(x))
-            y = np.empty((T, weight.shape[0]), np.float32)
-            for r0 in range(0, weight.shape[0], TILE_ROWS):
-                r1 = min(r0 + TILE_ROWS, weight.shape[0])
-                y[:, r0:r1] = x @ weight.rows(r0, r1).T
+            y = self._blas_tiles(x, weight)
+        return self._add(y, bias)
+
+    @staticmethod
+    def _add(y, bias):
         return y if bias is None else y + bias
+
+    def _blas_tiles(self, x, weight) -> np.ndarray:
+        """x [T, I] @ dequantized row tiles of the weight -> [T, O], each tile one multi-threaded BLAS call.
+        (Splitting the tiles among our own threads with single-threaded BLAS would keep OpenBLAS's workers
+        from spinning after the prefill, but changes the float32 sums: the reference computes x @ Wᵀ in one
+        call, and a checkpoint's integers must give its exact logits here, tests/test_quantized_checkpoint.py.)"""
+        y = np.empty((x.shape[0], weight.shape[0]), np.float32)
+        for r0 in range(0, weight.shape[0], TILE_ROWS):
+            r1 = min(r0 + TILE_ROWS, weight.shape[0])
+            y[:, r0:r1] = x @ weight.rows(r0, r1).T
+        return y
+
+    def uses_vnni(self, weight) -> bool:
+        """Whether prefill of this weight runs the VNNI GEMM: only where activations are int8 anyway
+        (numba-w8a8), so no backend's numerics change with the CPU beyond the order of float32 sums."""
+        return (self.quantize_activations and self.int8_path == "vnni" and isinstance(weight, QuantizedWeight)
+                and weight.scales.ndim == 2)
 
     def _gemv(self, x, w: QuantizedWeight) -> np.ndarray:
         y = np.empty((x.shape[0], w.shape[0]), np.float32)
@@ -113,11 +175,11 @@ class NumbaInt4Backend(NumbaInt8Backend):
     description = "int4 weights in groups of 32 with zero points, float32 activations (Numba)"
     layout = "int4-g32"
 
-    def prepare_linear(self, name, weight):
+    def convert_linear(self, name, weight):
         bits, group = quant.SCHEMES[self.layout]
         if bits == 4 and not isinstance(weight, QUANTIZED) and weight.shape[1] % group:
             return quant.quantize_scheme(weight, "int8-g32", name)
-        return super().prepare_linear(name, weight)
+        return super().convert_linear(name, weight)
 
 
 class NumbaW8A8Backend(NumbaInt8Backend):
@@ -125,6 +187,69 @@ class NumbaW8A8Backend(NumbaInt8Backend):
     description = "int8 weights in groups of 32 and int8 activations per token and group of 32, int32 dots (Numba)"
     runs_schemes = ("int8-g32",)
     quantize_activations = True
+
+
+# ---- projections that share an input, decoded as one matrix ----------------------------------------
+
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # siblings that read the same x
+
+
+class Fusion:
+    """Collects sibling weights as they are prepared (names "<block>.<proj>.weight") and, once a group is
+    complete, stores them as one matrix: each member's arrays become row views of it (no second copy)."""
+
+    def __init__(self):
+        self.pending = {}  # (block, group) -> {proj: weight}
+
+    def add(self, name, weight):
+        block, _, proj = name.removesuffix(".weight").rpartition(".")
+        for group in FUSED:
+            if proj in group:
+                members = self.pending.setdefault((block, group), {})
+                members[proj] = weight
+                if len(members) == len(group):
+                    FusedProjections.join([members[p] for p in group])
+                    del self.pending[(block, group)]
+
+
+class FusedProjections:
+    """Several weights that read the same input, as one matrix: a decode step runs one GEMV (one parallel
+    call, one pass over x) for all of them. The model still calls linear once per member with the same x:
+    the first call computes every member's rows, the others take theirs from that result. A member asked
+    again, or with another x, recomputes: a result is never served for an input it was not computed from."""
+
+    def __init__(self, weight, rows):
+        self.weight, self.rows = weight, rows  # the joined matrix; id(member) -> (first row, end row)
+        self.x, self.y, self.waiting = None, None, set()
+
+    @classmethod
+    def join(cls, members):
+        """Store members (all int8 with the same scale layout, or all int4 with the same group) as one matrix."""
+        kinds = {(type(m), m.shape[1], m.scheme) for m in members}
+        if len(kinds) != 1:
+            return  # mixed schemes (a pre-quantized checkpoint may mix them): each stays on its own
+        arrays = ("q_packed", "scales", "zeros") if isinstance(members[0], QuantizedInt4Weight) else ("q", "scales")
+        joined = {a: np.concatenate([getattr(m, a) for m in members]) for a in arrays}
+        weight = (QuantizedInt4Weight(**joined, group=members[0].group) if "zeros" in joined
+                  else QuantizedWeight(**joined))
+        rows, r0 = {}, 0
+        fused = cls(weight, rows)
+        for m in members:
+            r1 = r0 + m.shape[0]
+            for a in arrays:
+                setattr(m, a, joined[a][r0:r1])  # a view: the member's own copy is freed
+            rows[id(m)], m.fused, r0 = (r0, r1), fused, r1
+
+    def output(self, x, member, gemv):
+        """member's rows of (the joined matrix times x), x [T, I] -> [T, rows of member]"""
+        if x is not self.x or id(member) not in self.waiting:
+            self.x, self.y, self.waiting = x, gemv(np.ascontiguousarray(x, np.float32), self.weight), set(self.rows)
+        self.waiting.discard(id(member))
+        r0, r1 = self.rows[id(member)]
+        y = self.y[:, r0:r1]
+        if not self.waiting:
+            self.x = self.y = None  # every member served: hold no arrays between steps
+        return y
 
 
 # ---- kernels: y[o] = sum over the input of w[o, j] x[j], one output row per parallel task ---------

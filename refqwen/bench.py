@@ -4,6 +4,12 @@ Each engine runs in its own child process, so that its peak RSS is its own and o
 thread pool cannot slow the other. Speeds on a shared machine drift over minutes, so only
 ratios of runs made one after the other in one invocation mean anything; `--repeats`
 interleaves the engines to show the spread.
+
+Each repeat also measures the machine's read bandwidth (`probe_bandwidth`, in its own child) and
+states every refqwen decode as a fraction of the roofline that implies: a decode step reads every
+projection weight once, so bytes per token / bandwidth is the fastest a step can be. The first decode
+steps after the prefill are reported one by one: a thread pool still spinning from the prefill
+shows there as slow first steps.
 """
 
 import json
@@ -16,8 +22,12 @@ import tracemalloc
 from collections.abc import Mapping
 
 import numpy as np
+from numba import njit, prange
 
 ENGINES = ("refqwen", "transformers")
+PROBE = "bandwidth"  # the child that measures read bandwidth
+PROBE_BYTES = 2**30  # larger than any cache by far
+FIRST_STEPS = 4  # decode steps reported one by one
 
 
 def measure(engine: str, model_path: str, prompt_tokens: int, decode_tokens: int) -> dict:
@@ -31,13 +41,56 @@ def measure(engine: str, model_path: str, prompt_tokens: int, decode_tokens: int
     t0 = time.perf_counter()
     step = run(ids)  # prefill; returns a function that decodes one more token
     prefill_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    steps_ms = []
     for _ in range(decode_tokens):
+        t0 = time.perf_counter()
         step()
-    decode_s = time.perf_counter() - t0
+        steps_ms.append((time.perf_counter() - t0) * 1e3)
     return dict(engine=engine, jit_s=jit_s, load_s=round(load_s, 2),
-                prefill_tok_s=round(prompt_tokens / prefill_s, 1), decode_tok_s=round(decode_tokens / decode_s, 2),
+                prefill_tok_s=round(prompt_tokens / prefill_s, 1), decode_tok_s=round(1e3 * decode_tokens
+                                                                                       / sum(steps_ms), 2),
+                first_steps_ms=[round(t, 1) for t in steps_ms[:FIRST_STEPS]],
+                later_step_ms_median=round(float(np.median(steps_ms[FIRST_STEPS:] or steps_ms)), 1),
+                weight_bytes_per_token=getattr(run, "weight_bytes_per_token", None),
                 peak_rss_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3))
+
+
+def probe_bandwidth(nbytes: int = PROBE_BYTES, passes: int = 5) -> float:
+    """Read bandwidth in GB/s with all of Numba's threads: the best of `passes` row sums over a float32
+    array of `nbytes`. Each row is summed in vector lanes (fastmath lets LLVM vectorize the sum), rows
+    are shared among the threads: the loop waits on memory, not on arithmetic, as a decode step does
+    (a plain NumPy sum runs on one thread; a 1-D parallel loop that LLVM does not vectorize measures adds)."""
+    a = np.ones((nbytes // (4 * 4096), 4096), np.float32)  # [rows, 4096]
+    out = np.empty(a.shape[0], np.float32)
+    _row_sums(a[:2], out[:2])  # compile
+    best = float("inf")
+    for _ in range(passes):
+        t0 = time.perf_counter()
+        _row_sums(a, out)
+        best = min(best, time.perf_counter() - t0)
+    return a.nbytes / best / 1e9
+
+
+@njit(parallel=True, fastmath={"reassoc", "contract"}, cache=True)
+def _row_sums(a, out):
+    """out[r] = sum of row r of a [R, C]"""
+    for r in prange(a.shape[0]):
+        acc = np.float32(0)
+        for j in range(a.shape[1]):
+            acc += a[r, j]
+        out[r] = acc
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of projection weights one decode step reads (dense models): every linear weight once, and
+    lm_head; the embedding contributes one row."""
+    from refqwen.quant import QUANTIZED
+
+    def nbytes(block):
+        return sum(w.nbytes for w in vars(block).values() if isinstance(w, (np.ndarray, *QUANTIZED))
+                   and getattr(w, "ndim", 2) == 2)
+
+    return int(model.lm_head.nbytes + sum(nbytes(layer.attn) + nbytes(layer.mlp) for layer in model.layers))
 
 
 def _warm_up(engine: str) -> float | None:
@@ -70,6 +123,7 @@ def _refqwen_runner(model_path, backend):
 
         return step
 
+    run.weight_bytes_per_token = weight_bytes_per_token(model)
     return run
 
 
@@ -159,17 +213,25 @@ def run_bench(model: str, prompt_tokens: int, decode_tokens: int, baseline: str,
     for name in backend_names + ([baseline] if baseline not in ("transformers", "none") else []):
         backends.get(name)  # an unknown or unavailable backend fails here, with the list of available ones
     engines = ([baseline] if baseline != "none" else []) + [b for b in backend_names if b != baseline]
-    rows = []
+    rows, bandwidth = [], {}
     for repeat in range(repeats):
-        for engine in engines:  # interleaved, so drift hits all alike
+        for engine in [PROBE] + engines:  # interleaved, so drift hits all alike
             print(f"measuring {engine} ...", file=sys.stderr, flush=True)
             cmd = [sys.executable, "-m", "refqwen.bench", engine, model, str(prompt_tokens), str(decode_tokens)]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
                 raise SystemExit(f"benchmark of {engine} failed:\n{done.stderr[-3000:]}")
-            rows.append(dict(json.loads(done.stdout.strip().splitlines()[-1]), repeat=repeat))
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            if engine == PROBE:
+                bandwidth[repeat] = result["read_gb_s"]
+                continue
+            roofline = None
+            if result.get("weight_bytes_per_token"):  # tokens/s the bandwidth allows, and the share reached
+                roofline = bandwidth[repeat] * 1e9 / result["weight_bytes_per_token"]
+                result["decode_of_roofline"] = round(result["decode_tok_s"] / roofline, 3)
+            rows.append(dict(result, repeat=repeat, read_gb_s=bandwidth[repeat]))
     report = dict(model=model, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, cpus=os.cpu_count(),
-                  runs=rows, attention_peak_mib_by_T=attention_peak_mib())
+                  read_gb_s_by_repeat=bandwidth, runs=rows, attention_peak_mib_by_T=attention_peak_mib())
     print_report(report, baseline)
     if json_path:
         with open(json_path, "w") as f:
@@ -183,17 +245,25 @@ def print_report(report: dict, baseline: str) -> None:
     print(f"model {report['model']}, prefill {report['prompt_tokens']} tokens, decode {report['decode_tokens']} "
           f"tokens, {report['cpus']} CPUs")
     print(f"{'engine':<22}{'jit s':>7}{'load s':>8}{'prefill tok/s':>15}{'decode tok/s':>14}{'peak RSS GiB':>14}"
-          f"{'prefill x':>11}{'decode x':>10}")
+          f"{'prefill x':>11}{'decode x':>10}{'roofline':>10}  first decode steps ms (then median)")
     for r in report["runs"]:
         b = base.get(r["repeat"])
         ratios = [f"{r[k] / b[k]:.2f}" if b else "-" for k in ("prefill_tok_s", "decode_tok_s")]
         jit = "-" if r["jit_s"] is None else r["jit_s"]
+        roofline = f"{r['decode_of_roofline']:.0%}" if r.get("decode_of_roofline") is not None else "-"
+        steps = " ".join(f"{t:g}" for t in r.get("first_steps_ms", []))
         print(f"{r['engine']:<22}{jit:>7}{r['load_s']:>8}{r['prefill_tok_s']:>15}{r['decode_tok_s']:>14}"
-              f"{r['peak_rss_gib']:>14}{ratios[0]:>11}{ratios[1]:>10}")
-    print(f"ratios (x) are against {baseline} in the same repeat")
+              f"{r['peak_rss_gib']:>14}{ratios[0]:>11}{ratios[1]:>10}{roofline:>10}  {steps} "
+              f"({r.get('later_step_ms_median', '-')})")
+    print(f"ratios (x) are against {baseline} in the same repeat; roofline: decode as a share of the tokens/s "
+          "that the read bandwidth measured in the same repeat allows (weight bytes per token / bandwidth)")
+    print("read bandwidth GB/s by repeat:", report["read_gb_s_by_repeat"])
     print("attention peak MiB by prompt length:", report["attention_peak_mib_by_T"])
 
 
 if __name__ == "__main__":  # the child process of run_bench
     engine, model, prompt_tokens, decode_tokens = sys.argv[1:5]
-    print(json.dumps(measure(engine, model, int(prompt_tokens), int(decode_tokens))))
+    if engine == PROBE:
+        print(json.dumps(dict(read_gb_s=round(probe_bandwidth(), 1))))
+    else:
+        print(json.dumps(measure(engine, model, int(prompt_tokens), int(decode_tokens))))
