@@ -34,6 +34,16 @@ class YarnScaling:
     attention_factor: float | None = None  # None: 0.1 ln(factor) + 1
     truncate: bool = True
 
+    def __post_init__(self):
+        for name in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                    and math.isfinite(value) and value > 0):
+                raise ConfigError(f"invalid YaRN rope_scaling: {name} must be a positive number, got {value!r}")
+        if self.attention_factor is not None and not self.attention_factor > 0:
+            raise ConfigError(f"invalid YaRN rope_scaling: attention_factor must be positive, "
+                              f"got {self.attention_factor!r}")
+
 
 @dataclass(frozen=True)
 class Config:
@@ -294,16 +304,31 @@ def _hf_rope(raw: dict, source: str) -> tuple[float, YarnScaling | None]:
         raise ConfigError(f"{source}: rope type {kind!r} is not supported; Qwen2 uses 'default' or 'yarn'")
     if params.get("mscale") and params.get("mscale_all_dim"):
         raise ConfigError(f"{source}: YaRN with mscale/mscale_all_dim (DeepSeek style) is not a Qwen2 setting")
-    max_pos = raw.get("max_position_embeddings", 32768)
-    original = params.get("original_max_position_embeddings") or raw.get("original_max_position_embeddings") or max_pos
-    factor = params.get("factor") or max_pos / original
-    if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
-        raise ConfigError(f"{source}: YaRN factor must be a positive number, got {factor!r}")
-    return theta, YarnScaling(
-        factor=float(factor),
-        original_max_position_embeddings=int(original),
-        beta_fast=float(params.get("beta_fast") or 32.0),
-        beta_slow=float(params.get("beta_slow") or 1.0),
-        attention_factor=params.get("attention_factor"),
-        truncate=bool(params.get("truncate", True)),
-    )
+    if params.get("original_max_position_embeddings") is None:
+        params["original_max_position_embeddings"] = raw.get("original_max_position_embeddings")
+    return theta, yarn_scaling(params, raw.get("max_position_embeddings", 32768), source)
+
+
+def _first_given(*values):
+    """The first value that is not None (0 is a value, to be refused, not a missing key)."""
+    return next((v for v in values if v is not None), None)
+
+
+def yarn_scaling(params: dict, max_position_embeddings: int, source: str) -> YarnScaling:
+    """A YaRN block ({"type"/"rope_type": "yarn", "factor", "original_max_position_embeddings", ...}) checked."""
+    original = _first_given(params.get("original_max_position_embeddings"), max_position_embeddings)
+    factor = params.get("factor")
+    if factor is None and isinstance(original, (int, float)) and original > 0:
+        factor = max_position_embeddings / original  # transformers' rule when the block omits the factor
+    try:
+        number = (int, float)
+        return YarnScaling(
+            factor=float(factor) if isinstance(factor, number) else factor,
+            original_max_position_embeddings=int(original) if isinstance(original, number) else original,
+            beta_fast=_first_given(params.get("beta_fast"), 32.0),
+            beta_slow=_first_given(params.get("beta_slow"), 1.0),
+            attention_factor=params.get("attention_factor"),
+            truncate=bool(params.get("truncate", True)),
+        )
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
