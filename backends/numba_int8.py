@@ -22,6 +22,7 @@ attention and the MoE router stay in float32 (the reference's code).
 import numpy as np
 
 from refqwen import quant
+from refqwen.backends import numba_attention
 from refqwen.errors import WeightsError
 from refqwen.model.ops import Backend
 from refqwen.quant import QUANTIZED, QuantizedInt4Weight, QuantizedWeight
@@ -55,6 +56,10 @@ class NumbaInt8Backend(Backend):
         gemv_w8a8(q, np.ones((2, 2), np.float32), q[0], np.ones(2, np.float32), y)
         packed, ones = np.ones((2, 16), np.uint8), np.ones((2, 1), np.float32)
         gemv_int4(packed, ones, np.ones((2, 1), np.uint8), 32, x[:16], x[16:32], y)
+        numba_attention.warm_up()
+
+    def attention(self, q, keys, values, start, window):
+        return numba_attention.attention(q, keys, values, start, window)  # parallel, bounded memory
 
     def prepare_linear(self, name, weight):
         if isinstance(weight, QUANTIZED):  # a pre-quantized checkpoint runs as it is
