@@ -21,7 +21,20 @@ def main(argv=None) -> int:
 def _load(args):
     import refqwen
 
-    return refqwen.load(args.model, backend=args.backend, progress=True)
+    return refqwen.load(args.model, backend=args.backend, progress=True, **_rope_override(args))
+
+
+def _rope_override(args) -> dict:
+    """load()'s rope_scaling from --rope-scaling JSON or --yarn FACTOR (nothing: as the checkpoint says)."""
+    if getattr(args, "rope_scaling", None) is not None:
+        try:
+            return {"rope_scaling": json.loads(args.rope_scaling)}
+        except json.JSONDecodeError as e:
+            example = '{"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}'
+            raise RefqwenError(f"--rope-scaling: not JSON ({e}); e.g. '{example}'") from None
+    if getattr(args, "yarn", None) is not None:
+        return {"rope_scaling": {"type": "yarn", "factor": args.yarn}}
+    return {}
 
 
 def _sampling(args) -> dict:
@@ -129,7 +142,8 @@ def cmd_compare(args):
     else:
         import refqwen
 
-        theirs = trace(refqwen.load(args.model, backend=args.against, progress=False), ids, names)
+        theirs = trace(refqwen.load(args.model, backend=args.against, progress=False, **_rope_override(args)),
+                       ids, names)
     report = compare(ours, theirs, atol=args.atol, rtol=args.rtol)
     print(report)
     if args.json:
@@ -194,6 +208,11 @@ def _parser() -> argparse.ArgumentParser:
     model_args.add_argument("--model", default="demo",
                             help="Hugging Face folder, .gguf file, or 'demo' (the embedded model, default)")
     model_args.add_argument("--backend", default="numpy", help=f"one of: {', '.join(backends.available())}")
+    rope = model_args.add_mutually_exclusive_group()
+    rope.add_argument("--yarn", type=float, metavar="FACTOR",
+                      help="turn on YaRN with this factor over the checkpoint's window (4: 32K -> 128K)")
+    rope.add_argument("--rope-scaling", metavar="JSON", help="replace the checkpoint's rope_scaling, e.g. "
+                      "'{\"type\": \"yarn\", \"factor\": 4.0, \"original_max_position_embeddings\": 32768}'")
     sampling = argparse.ArgumentParser(add_help=False)
     sampling.add_argument("--max-new-tokens", type=int, default=256)
     sampling.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")

@@ -8,7 +8,7 @@ below and nowhere else, so there is one place to read and one place to check.
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -134,6 +134,24 @@ class Config:
     def window(self, layer: int) -> int | None:
         """The attention window of a layer, or None for full causal attention."""
         return self.sliding_window if layer in self.sliding_layers else None
+
+    @property
+    def context_window(self) -> int:
+        """Positions a prompt plus its answer may use: max_position_embeddings, or YaRN's extended
+        window original x factor when that is larger (Qwen2-7B's config says 32,768 and its model
+        card adds the YaRN block for 131,072)."""
+        if self.rope_scaling is None:
+            return self.max_position_embeddings
+        s = self.rope_scaling
+        return max(self.max_position_embeddings, int(s.original_max_position_embeddings * s.factor))
+
+    def too_long(self, length: int, what: str) -> str:
+        """The error for `length` positions that do not fit: both numbers, and how to extend the window."""
+        how = ("turn on YaRN, as the Qwen2 model cards instruct: refqwen.load(path, rope_scaling={'type': 'yarn', "
+               f"'factor': 4.0, 'original_max_position_embeddings': {self.max_position_embeddings}}}) or "
+               "--yarn 4 on the command line" if self.rope_scaling is None
+               else "a larger YaRN factor (rope_scaling / --yarn) extends it further")
+        return f"{what} need {length} positions; the context window holds {self.context_window}: {how}"
 
     @cached_property
     def rope_inv_freq(self) -> np.ndarray:
@@ -277,6 +295,22 @@ class Config:
 
 
 _REQUIRED = object()
+
+
+def with_rope_scaling(cfg: Config, block, source: str = "rope_scaling override") -> Config:
+    """cfg with its rotary scaling replaced by `block`, a YaRN dict as in config.json
+    ({"type" or "rope_type": "yarn", "factor", "original_max_position_embeddings"}; the original
+    defaults to cfg.max_position_embeddings), or None / {"type": "default"} for plain rotary."""
+    if block is None:
+        return replace(cfg, rope_scaling=None)
+    if not isinstance(block, dict):
+        raise ConfigError(f"{source}: expected a dict like {{'type': 'yarn', 'factor': 4.0}}, got {block!r}")
+    kind = block.get("rope_type", block.get("type", "yarn"))
+    if kind == "default":
+        return replace(cfg, rope_scaling=None)
+    if kind != "yarn":
+        raise ConfigError(f"{source}: rope type {kind!r} is not supported; Qwen2 uses 'default' or 'yarn'")
+    return replace(cfg, rope_scaling=yarn_scaling(block, cfg.max_position_embeddings, source))
 
 
 def _hf_model_type(raw: dict, source: str) -> str:

@@ -81,9 +81,9 @@ class Model:
         """forward's logits where the backend keeps them (on the GPU for a GPU backend)."""
         ids = self._check_ids(ids)
         cache = cache if cache is not None else self.new_cache()
-        if cache.length + len(ids) > self.config.max_position_embeddings:
-            raise RefqwenError(f"{cache.length} cached + {len(ids)} new tokens exceed the context window of "
-                               f"{self.config.max_position_embeddings} positions")
+        if cache.length + len(ids) > self.config.context_window:
+            raise RefqwenError(self.config.too_long(cache.length + len(ids),
+                                                    f"{cache.length} cached + {len(ids)} new tokens"))
         positions = np.arange(cache.length, cache.length + len(ids))  # [T]
         cos, sin = rotary_cos_sin(self.config.rope_inv_freq, positions, self.config.rope_attention_factor)
         x = self.hook("embed", self.ops.embed(ids, self.embed_tokens))  # [T, C]
