@@ -1,4 +1,4 @@
-"""The `refqwen` command: generate, chat, info, ppl, bench, compare and quantize."""
+"""The `refqwen` command: generate, chat, info, ppl, bench, compare, niah and quantize."""
 
 import argparse
 import json
@@ -185,6 +185,31 @@ def cmd_quantize(args):
         print(f"wrote {write_report(report, out)}")
 
 
+def cmd_niah(args):
+    """Needle in a haystack over a grid of context lengths x depths; JSON after every cell, a heatmap."""
+    from pathlib import Path
+
+    from refqwen import niah
+
+    try:
+        contexts = [int(c) for c in args.contexts.split(",")]
+        depths = [float(d) / 100 for d in args.depths.split(",")]
+    except ValueError:
+        raise RefqwenError(f"--contexts/--depths: expected comma-separated numbers like 1024,2048 and "
+                           f"0,25,50,75,100, got {args.contexts!r} and {args.depths!r}") from None
+    if not all(c > 0 for c in contexts) or not all(0 <= d <= 1 for d in depths):
+        raise RefqwenError("--contexts must be positive token counts and --depths percentages in 0..100")
+    out = Path(args.out)
+    model = _load(args)
+    print(f"haystack: {niah.HAYSTACK_SOURCE}; results: {out}", file=sys.stderr)
+    results = niah.run_grid(model, contexts, depths, out, seed=args.seed, resume=args.resume)
+    found, run = niah.score(results)
+    print(f"found {found}/{run} needles; results in {out}")
+    if args.png:
+        niah.plot_heatmap(results, args.png)
+        print(f"heatmap: {args.png}")
+
+
 def _compare_ids(args, model) -> list[int]:
     if (args.prompt is None) == (args.ids is None):
         raise RefqwenError("compare: give exactly one of --prompt TEXT or --ids 1,2,3")
@@ -269,6 +294,16 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_compare)
 
     from refqwen.quant import SCHEMES
+
+    p = sub.add_parser("niah", parents=[model_args],
+                       help="needle in a haystack: a grid of context lengths x needle depths, and its heatmap")
+    p.add_argument("--contexts", default="1024,2048,4096,8192", help="context lengths in tokens, comma-separated")
+    p.add_argument("--depths", default="0,25,50,75,100", help="needle depths in percent, comma-separated")
+    p.add_argument("--out", default="niah.json", help="results JSON, rewritten after every cell")
+    p.add_argument("--resume", action="store_true", help="continue the grid in --out, skipping finished cells")
+    p.add_argument("--png", help="also draw the heatmap to this PNG (needs matplotlib: refqwen[plot])")
+    p.add_argument("--seed", type=int, default=0, help="draws each cell's needle number")
+    p.set_defaults(run=cmd_niah)
 
     p = sub.add_parser("quantize", help="write a quantized checkpoint (int8/int4 folder, or a Q8_0 GGUF); "
                                         "--report measures what it cost")

@@ -65,7 +65,13 @@ def build_prompt(tokenizer, context: int, depth: float, value: int, haystack_ids
     if context <= overhead or context - overhead > len(haystack_ids):
         raise RefqwenError(f"context {context}: must be between {overhead + 1} and "
                            f"{overhead + len(haystack_ids)} tokens for this haystack and tokenizer")
-    return prompt(context - overhead)
+    n = context - overhead
+    for _ in range(8):  # retokenizing at the cut and around the needle can move the count a little
+        ids = prompt(n)
+        if len(ids) == context:
+            break
+        n += context - len(ids)
+    return ids
 
 
 def run_cell(model, context: int, depth: float, seed: int, haystack_ids=None) -> dict:
