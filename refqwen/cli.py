@@ -25,16 +25,25 @@ def _load(args):
 
 
 def _rope_override(args) -> dict:
-    """load()'s rope_scaling from --rope-scaling JSON or --yarn FACTOR (nothing: as the checkpoint says)."""
+    """load()'s overrides: rope_scaling from --rope-scaling JSON or --yarn FACTOR, dual_chunk_attention
+    from --dual-chunk-attention JSON (none given: as the checkpoint says)."""
+    override = {}
     if getattr(args, "rope_scaling", None) is not None:
-        try:
-            return {"rope_scaling": json.loads(args.rope_scaling)}
-        except json.JSONDecodeError as e:
-            example = '{"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}'
-            raise RefqwenError(f"--rope-scaling: not JSON ({e}); e.g. '{example}'") from None
+        example = '{"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}'
+        override["rope_scaling"] = _json_option("--rope-scaling", args.rope_scaling, example)
     if getattr(args, "yarn", None) is not None:
-        return {"rope_scaling": {"type": "yarn", "factor": args.yarn}}
-    return {}
+        override["rope_scaling"] = {"type": "yarn", "factor": args.yarn}
+    if getattr(args, "dual_chunk_attention", None) is not None:
+        override["dual_chunk_attention"] = _json_option("--dual-chunk-attention", args.dual_chunk_attention,
+                                                        '{"chunk_size": 32768, "local_size": 4096}')
+    return override
+
+
+def _json_option(flag: str, text: str, example: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RefqwenError(f"{flag}: not JSON ({e}); e.g. '{example}'") from None
 
 
 def _sampling(args) -> dict:
@@ -236,6 +245,8 @@ def _parser() -> argparse.ArgumentParser:
     rope = model_args.add_mutually_exclusive_group()
     rope.add_argument("--yarn", type=float, metavar="FACTOR",
                       help="turn on YaRN with this factor over the checkpoint's window (4: 32K -> 128K)")
+    model_args.add_argument("--dual-chunk-attention", metavar="JSON",
+                            help="turn on Dual Chunk Attention, e.g. '{\"chunk_size\": 32768, \"local_size\": 4096}'")
     rope.add_argument("--rope-scaling", metavar="JSON", help="replace the checkpoint's rope_scaling, e.g. "
                       "'{\"type\": \"yarn\", \"factor\": 4.0, \"original_max_position_embeddings\": 32768}'")
     sampling = argparse.ArgumentParser(add_help=False)

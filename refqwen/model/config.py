@@ -46,6 +46,39 @@ class YarnScaling:
 
 
 @dataclass(frozen=True)
+class DualChunkAttention:
+    """Dual Chunk Attention (Qwen2.5-1M's `dual_chunk_attention_config`; refqwen/model/dca.py)."""
+
+    chunk_size: int
+    local_size: int
+    original_max_position_embeddings: int = 0  # 0: no length temperature
+
+    def __post_init__(self):
+        for name in ("chunk_size", "local_size", "original_max_position_embeddings"):
+            value = getattr(self, name)
+            least = 0 if name == "original_max_position_embeddings" else 1
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= least):
+                raise ConfigError(f"invalid dual_chunk_attention_config: {name} must be an integer >= {least}, "
+                                  f"got {value!r}")
+        if self.local_size >= self.chunk_size:
+            raise ConfigError(f"invalid dual_chunk_attention_config: local_size ({self.local_size}) must be "
+                              f"smaller than chunk_size ({self.chunk_size})")
+
+
+def dual_chunk_attention(block, source: str) -> DualChunkAttention | None:
+    """A `dual_chunk_attention_config` dict checked, or None."""
+    if block is None:
+        return None
+    if not isinstance(block, dict):
+        raise ConfigError(f"{source}: dual_chunk_attention_config must be a dict with chunk_size and local_size")
+    try:
+        return DualChunkAttention(chunk_size=block.get("chunk_size"), local_size=block.get("local_size"),
+                                  original_max_position_embeddings=block.get("original_max_position_embeddings", 0))
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+@dataclass(frozen=True)
 class Config:
     model_type: str  # "qwen2" (dense) or "qwen2_moe"
     vocab_size: int
@@ -73,6 +106,7 @@ class Config:
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
     eos_token_ids: tuple[int, ...] = ()
+    dual_chunk_attention: DualChunkAttention | None = None
 
     def __post_init__(self):
         def need(ok, message):
@@ -140,6 +174,8 @@ class Config:
         """Positions a prompt plus its answer may use: max_position_embeddings, or YaRN's extended
         window original x factor when that is larger (Qwen2-7B's config says 32,768 and its model
         card adds the YaRN block for 131,072)."""
+        if self.dual_chunk_attention is not None:
+            return 2**62  # every query-key distance DCA forms stays inside one chunk: no window
         if self.rope_scaling is None:
             return self.max_position_embeddings
         s = self.rope_scaling
@@ -177,10 +213,13 @@ class Config:
         """A config.json that from_hf_dict (and transformers) reads back as this config."""
         arch = {v: k for k, v in HF_ARCHITECTURES.items()}[self.model_type]
         raw = {k: v for k, v in vars(self).items() if k in self.__dataclass_fields__
-               and k not in ("rope_theta", "rope_scaling", "sliding_window", "eos_token_ids", "layer_types")}
+               and k not in ("rope_theta", "rope_scaling", "sliding_window", "eos_token_ids", "layer_types",
+                             "dual_chunk_attention")}
         rope = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling:
             rope = dict(vars(self.rope_scaling), rope_type="yarn", rope_theta=self.rope_theta)
+        if self.dual_chunk_attention:
+            raw["dual_chunk_attention_config"] = dict(vars(self.dual_chunk_attention))
         raw.update(architectures=[arch], rope_parameters=rope, use_sliding_window=self.sliding_window is not None,
                    sliding_window=self.sliding_window, mlp_only_layers=list(self.mlp_only_layers),
                    layer_types=list(self.layer_types) if self.layer_types else None,
@@ -223,6 +262,7 @@ class Config:
             rms_norm_eps=float(key("rms_norm_eps", 1e-6)),
             rope_theta=float(theta),
             rope_scaling=scaling,
+            dual_chunk_attention=dual_chunk_attention(raw.get("dual_chunk_attention_config"), source),
             max_position_embeddings=key("max_position_embeddings", 32768),
             tie_word_embeddings=bool(key("tie_word_embeddings", False)),
             sliding_window=key("sliding_window", None) if key("use_sliding_window", False) else None,

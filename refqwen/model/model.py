@@ -10,6 +10,7 @@ from refqwen.errors import RefqwenError
 from refqwen.model.attention import Attention
 from refqwen.model.cache import KVCache
 from refqwen.model.config import Config
+from refqwen.model.dca import key_positions
 from refqwen.model.hooks import UNTRACED, TracePoints
 from refqwen.model.mlp import MLP
 from refqwen.model.moe import SparseMoE
@@ -85,6 +86,8 @@ class Model:
             raise RefqwenError(self.config.too_long(cache.length + len(ids),
                                                     f"{cache.length} cached + {len(ids)} new tokens"))
         positions = np.arange(cache.length, cache.length + len(ids))  # [T]
+        if self.config.dual_chunk_attention:  # keys are rotated by their place in their chunk
+            positions = key_positions(positions, self.config.dual_chunk_attention)
         cos, sin = rotary_cos_sin(self.config.rope_inv_freq, positions, self.config.rope_attention_factor)
         x = self.hook("embed", self.ops.embed(ids, self.embed_tokens))  # [T, C]
         for layer, layer_cache in zip(self.layers, cache.layers):
