@@ -4,8 +4,9 @@ The protocol (gkamradt's test, as the Qwen2 release reports it; docs/long-contex
 - the haystack is Python's own reference documentation as shipped with Python, the stdlib module
   `pydoc_data.topics` (offline, public, the same text for everyone on one Python version);
 - for each context length L (tokens) and depth d (0 % = the start, 100 % = the end), the haystack
-  is cut to fit L tokens with the question, and the needle "The secret number is N." is inserted at
-  the sentence boundary nearest d % of the text; N is a random 7-digit number drawn per cell;
+  is cut to fit L tokens with the question (or a few less where no cut fits exactly), and the needle
+  "The secret number is N." is inserted at the sentence or paragraph end nearest d % of the text;
+  N is a random 7-digit number drawn per cell;
 - the haystack and a question go through the model's chat template; the answer is greedy;
 - a cell scores 1 if N's digits occur in the answer.
 Results are written after every cell (atomically), so an interrupted grid loses no finished cell
@@ -46,8 +47,8 @@ def needle_value(seed: int, context: int, depth: float) -> int:
 
 
 def insert_at_sentence(text: str, sentence: str, depth: float) -> str:
-    """Insert `sentence` at the sentence end nearest `depth` (0..1) of the text."""
-    ends = [0] + [m.end() for m in re.finditer(r"[.!?](?=\s)", text)] + [len(text)]
+    """Insert `sentence` at the sentence (or paragraph) end nearest `depth` (0..1) of the text."""
+    ends = [0] + [m.end() for m in re.finditer(r"[.!?](?=\s)|\n\n", text)] + [len(text)]
     at = min(ends, key=lambda i: abs(i - depth * len(text)))
     return f"{text[:at]} {sentence} {text[at:]}".strip()
 
@@ -69,8 +70,11 @@ def build_prompt(tokenizer, context: int, depth: float, value: int, haystack_ids
     for _ in range(8):  # retokenizing at the cut and around the needle can move the count a little
         ids = prompt(n)
         if len(ids) == context:
-            break
+            return ids
         n += context - len(ids)
+    while len(ids) > context:  # no cut gives exactly `context` tokens: the longest shorter prompt
+        n -= 1
+        ids = prompt(n)
     return ids
 
 

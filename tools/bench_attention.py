@@ -26,19 +26,10 @@ def main():
 
     torch.set_num_threads(2)
     numba_attention.warm_up()
-    H, KV, D = 14, 2, 64
-    rng = np.random.default_rng(0)
-    cases = [(int(n), int(n)) for n in args.prefill.split(",") if n] + [(1, int(n)) for n in args.decode.split(",") if n]
-    for T, S in cases:
-        q = rng.standard_normal((T, H, D), dtype=np.float32)
-        k, v = (rng.standard_normal((S, KV, D), dtype=np.float32) for _ in range(2))
-        tq = torch.from_numpy(q).permute(1, 0, 2)[None]  # [1, H, T, D]
-        tk, tv = (torch.from_numpy(np.repeat(x, H // KV, axis=1)).permute(1, 0, 2)[None] for x in (k, v))
-        engines = {"numba": lambda: numba_attention.attention(q, k, v, S - T, None),
-                   "torch-sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv,
-                                                                                         is_causal=T > 1)}
-        if not args.skip_reference:
-            engines["numpy-reference"] = lambda: causal_attention(q, k, v, S - T, None)
+    prefill = [(int(n), int(n)) for n in args.prefill.split(",") if n]
+    decode = [(1, int(n)) for n in args.decode.split(",") if n]
+    for T, S in prefill + decode:
+        engines = case(T, S, torch, numba_attention, None if args.skip_reference else causal_attention)
         times = {name: [] for name in engines}
         for _ in range(args.repeats):
             for name, run in engines.items():
@@ -48,6 +39,20 @@ def main():
         best = {name: min(t) for name, t in times.items()}
         line = ", ".join(f"{name} {t * 1e3:.1f} ms ({t / best['torch-sdpa']:.2f}x torch)" for name, t in best.items())
         print(f"T={T} S={S}: {line}", flush=True)
+
+
+def case(T, S, torch, numba_attention, causal_attention, H=14, KV=2, D=64) -> dict:
+    """name -> a function computing attention of T new queries over S keys (the demo model's heads)."""
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((T, H, D), dtype=np.float32)
+    k, v = (rng.standard_normal((S, KV, D), dtype=np.float32) for _ in range(2))
+    tq = torch.from_numpy(q).permute(1, 0, 2)[None]  # [1, H, T, D]
+    tk, tv = (torch.from_numpy(np.repeat(x, H // KV, axis=1)).permute(1, 0, 2)[None] for x in (k, v))  # as repeat_kv
+    engines = {"numba": lambda: numba_attention.attention(q, k, v, S - T, None),
+               "torch-sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=T > 1)}
+    if causal_attention is not None:
+        engines["numpy-reference"] = lambda: causal_attention(q, k, v, S - T, None)
+    return engines
 
 
 if __name__ == "__main__":
