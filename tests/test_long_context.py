@@ -2,6 +2,7 @@
 context-window error, and chunked prefill."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -88,3 +89,19 @@ def test_chunked_prefill_equals_one_pass(tiny_hf, rng):
     # the same per-token arithmetic, but each chunk's attention sums its keys in other blocks
     np.testing.assert_allclose(chunked, whole, rtol=0, atol=LOGITS_ATOL)
     assert chunk_cache.length == one_cache.length == 70
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--rope-scaling", "{yarn"], "refqwen: error: --rope-scaling: not JSON"),
+    (["--yarn", "0"], "invalid YaRN rope_scaling: factor must be a positive number, got 0.0"),
+    (["--dual-chunk-attention", '{"chunk_size": 8, "local_size": 8}'],
+     r"dual_chunk_attention override: invalid dual_chunk_attention_config: local_size \(8\) must be smaller"),
+])
+def test_cli_overrides_refuse_bad_values_in_one_line(tiny_hf, flags, message):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "refqwen.cli", "generate", "x", "--model",
+                           str(tiny_hf("dense-untied")[1]), *flags], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1 and re.search(message, done.stderr), done.stderr
