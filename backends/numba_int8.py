@@ -18,8 +18,9 @@ gate/up) are joined into one matrix at load time and decode as one GEMV (FusedPr
 Prefill (many tokens) dequantizes row tiles of the weight into float32 and hands them to BLAS;
 numba-w8a8 on a CPU with AVX-512 VNNI multiplies int8 by int8 in register tiles instead
 (backends/vnni.py; REFQWEN_INT8_PATH forces a path). The embedding is stored the same way and
-dequantized row by row on lookup. Norms, rotary, attention and the MoE router stay in float32
-(the reference's code). docs/backends.md describes each kernel and its measured speed.
+dequantized row by row on lookup. Attention over the cache is a parallel Numba kernel
+(backends/numba_attention.py); norms, rotary and the MoE router stay in float32 (the reference's
+code). docs/backends.md describes each kernel and its measured speed.
 """
 
 from contextlib import contextmanager
@@ -28,7 +29,7 @@ import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from refqwen import quant
-from refqwen.backends import vnni
+from refqwen.backends import numba_attention, vnni
 from refqwen.errors import WeightsError
 from refqwen.model.ops import Backend
 from refqwen.quant import QUANTIZED, QuantizedInt4Weight, QuantizedWeight
@@ -83,6 +84,10 @@ class NumbaInt8Backend(Backend):
         if self.quantize_activations and self.int8_path == "vnni":
             vnni.matmul_w8a8(np.ones((5, 70), np.int8), np.ones((5, 3), np.float32), np.ones((2, 70), np.int8),
                              np.ones((2, 3), np.float32), "vnni")
+        numba_attention.warm_up()
+
+    def attention(self, q, keys, values, start, window):
+        return numba_attention.attention(q, keys, values, start, window)  # parallel, bounded memory
 
     def prepare_linear(self, name, weight):
         prepared = self.convert_linear(name, weight)

@@ -1,4 +1,4 @@
-"""The `refqwen` command: generate, chat, info, ppl, bench, compare, quantize, lens and pattern."""
+"""The `refqwen` command: generate, chat, info, ppl, bench, compare, quantize, niah, lens and pattern."""
 
 import argparse
 import json
@@ -22,7 +22,29 @@ def main(argv=None) -> int:
 def _load(args):
     import refqwen
 
-    return refqwen.load(args.model, backend=args.backend, progress=True)
+    return refqwen.load(args.model, backend=args.backend, progress=True, **_rope_override(args))
+
+
+def _rope_override(args) -> dict:
+    """load()'s overrides: rope_scaling from --rope-scaling JSON or --yarn FACTOR, dual_chunk_attention
+    from --dual-chunk-attention JSON (none given: as the checkpoint says)."""
+    override = {}
+    if getattr(args, "rope_scaling", None) is not None:
+        example = '{"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}'
+        override["rope_scaling"] = _json_option("--rope-scaling", args.rope_scaling, example)
+    if getattr(args, "yarn", None) is not None:
+        override["rope_scaling"] = {"type": "yarn", "factor": args.yarn}
+    if getattr(args, "dual_chunk_attention", None) is not None:
+        override["dual_chunk_attention"] = _json_option("--dual-chunk-attention", args.dual_chunk_attention,
+                                                        '{"chunk_size": 32768, "local_size": 4096}')
+    return override
+
+
+def _json_option(flag: str, text: str, example: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RefqwenError(f"{flag}: not JSON ({e}); e.g. '{example}'") from None
 
 
 def _sampling(args) -> dict:
@@ -130,7 +152,8 @@ def cmd_compare(args):
     else:
         import refqwen
 
-        theirs = trace(refqwen.load(args.model, backend=args.against, progress=False), ids, names)
+        theirs = trace(refqwen.load(args.model, backend=args.against, progress=False, **_rope_override(args)),
+                       ids, names)
     report = compare(ours, theirs, atol=args.atol, rtol=args.rtol)
     print(report)
     if args.json:
@@ -204,6 +227,31 @@ def _token_text(model):
     return (lambda i: model.tokenizer.decode([i])) if model.tokenizer is not None else str
 
 
+def cmd_niah(args):
+    """Needle in a haystack over a grid of context lengths x depths; JSON after every cell, a heatmap."""
+    from pathlib import Path
+
+    from refqwen import niah
+
+    try:
+        contexts = [int(c) for c in args.contexts.split(",")]
+        depths = [float(d) / 100 for d in args.depths.split(",")]
+    except ValueError:
+        raise RefqwenError(f"--contexts/--depths: expected comma-separated numbers like 1024,2048 and "
+                           f"0,25,50,75,100, got {args.contexts!r} and {args.depths!r}") from None
+    if not all(c > 0 for c in contexts) or not all(0 <= d <= 1 for d in depths):
+        raise RefqwenError("--contexts must be positive token counts and --depths percentages in 0..100")
+    out = Path(args.out)
+    model = _load(args)
+    print(f"haystack: {niah.HAYSTACK_SOURCE}; results: {out}", file=sys.stderr)
+    results = niah.run_grid(model, contexts, depths, out, seed=args.seed, resume=args.resume)
+    found, run = niah.score(results)
+    print(f"found {found}/{run} needles; results in {out}")
+    if args.png:
+        niah.plot_heatmap(results, args.png)
+        print(f"heatmap: {args.png}")
+
+
 def _compare_ids(args, model) -> list[int]:
     if (args.prompt is None) == (args.ids is None):
         raise RefqwenError(f"{args.command}: give exactly one of --prompt TEXT or --ids 1,2,3")
@@ -227,6 +275,13 @@ def _parser() -> argparse.ArgumentParser:
     model_args.add_argument("--model", default="demo",
                             help="Hugging Face folder, .gguf file, or 'demo' (the embedded model, default)")
     model_args.add_argument("--backend", default="numpy", help=f"one of: {', '.join(backends.available())}")
+    rope = model_args.add_mutually_exclusive_group()
+    rope.add_argument("--yarn", type=float, metavar="FACTOR",
+                      help="turn on YaRN with this factor over the checkpoint's window (4: 32K -> 128K)")
+    model_args.add_argument("--dual-chunk-attention", metavar="JSON",
+                            help="turn on Dual Chunk Attention, e.g. '{\"chunk_size\": 32768, \"local_size\": 4096}'")
+    rope.add_argument("--rope-scaling", metavar="JSON", help="replace the checkpoint's rope_scaling, e.g. "
+                      "'{\"type\": \"yarn\", \"factor\": 4.0, \"original_max_position_embeddings\": 32768}'")
     sampling = argparse.ArgumentParser(add_help=False)
     sampling.add_argument("--max-new-tokens", type=int, default=256)
     sampling.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
@@ -283,6 +338,16 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_compare)
 
     from refqwen.quant import SCHEMES
+
+    p = sub.add_parser("niah", parents=[model_args],
+                       help="needle in a haystack: a grid of context lengths x needle depths, and its heatmap")
+    p.add_argument("--contexts", default="1024,2048,4096,8192", help="context lengths in tokens, comma-separated")
+    p.add_argument("--depths", default="0,25,50,75,100", help="needle depths in percent, comma-separated")
+    p.add_argument("--out", default="niah.json", help="results JSON, rewritten after every cell")
+    p.add_argument("--resume", action="store_true", help="continue the grid in --out, skipping finished cells")
+    p.add_argument("--png", help="also draw the heatmap to this PNG (needs matplotlib: refqwen[plot])")
+    p.add_argument("--seed", type=int, default=0, help="draws each cell's needle number")
+    p.set_defaults(run=cmd_niah)
 
     p = sub.add_parser("quantize", help="write a quantized checkpoint (int8/int4 folder, or a Q8_0 GGUF); "
                                         "--report measures what it cost")

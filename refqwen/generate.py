@@ -7,6 +7,7 @@ top-k, top-p and min-p; temperature 0 means greedy (argmax after the penalty).
 from dataclasses import dataclass
 
 import numpy as np
+from tqdm import tqdm
 
 from refqwen.arrays import array_module
 from refqwen.errors import RefqwenError
@@ -107,16 +108,31 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
+PREFILL_CHUNK = 2048  # prompt tokens per forward pass: activations stay bounded (T x MLP width floats)
+
+
+def prefill(model, prompt_ids, cache, chunk: int = PREFILL_CHUNK, progress: bool | None = None):
+    """Run the prompt through the model in chunks of `chunk` tokens, filling the cache; the logits
+    after its last token ([V], where the backend keeps them). A progress bar shows for prompts longer
+    than one chunk (progress None: only on a terminal)."""
+    spans = range(0, len(prompt_ids), chunk)
+    quiet = True if len(spans) < 2 else None if progress is None else not progress  # tqdm: None = not a tty
+    logits = None
+    for begin in tqdm(spans, desc=f"prefill {len(prompt_ids)} tokens", unit="chunk", leave=False, disable=quiet):
+        logits = model.logits(prompt_ids[begin:begin + chunk], cache, last_only=True)[-1]
+    return logits
+
+
 def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling, seed: int | None,
                  stop_ids=frozenset()):
     """Yield new token ids until a stop id (not yielded), max_new_tokens, or a full context window."""
-    limit = model.config.max_position_embeddings
+    limit = model.config.context_window
     if len(prompt_ids) >= limit:
-        raise RefqwenError(f"the prompt has {len(prompt_ids)} tokens; the context window holds {limit}, "
-                           f"so at most {limit - 1} leave room to generate")
+        raise RefqwenError(model.config.too_long(len(prompt_ids) + 1, f"a prompt of {len(prompt_ids)} tokens "
+                                                 "and one generated token"))
     rng = np.random.default_rng(seed)
     cache = model.new_cache()
-    logits = model.logits(prompt_ids, cache, last_only=True)[-1]  # [V], where the backend keeps it
+    logits = prefill(model, prompt_ids, cache)  # [V], where the backend keeps it
     history = list(prompt_ids)
     for i in range(max_new_tokens):
         token = next_token(logits, history, sampling, rng)

@@ -20,6 +20,8 @@ KV key/value heads, D head size, I MLP width, E experts, k experts per token, V 
 | `layers.{i}.attn.q_rot` | [T, H, D] | queries after rotary |
 | `layers.{i}.attn.k_rot` | [T, KV, D] | keys after rotary (what the cache stores) |
 | `layers.{i}.attn.pattern` | [H, T, S] | attention weights; opt-in, read-only (see below) |
+| `layers.{i}.attn.dca_intra`, `.dca_previous`, `.dca_earlier` | [T, H, D] | Dual Chunk Attention only: \
+each group's output before the log-sum-exp merge (refqwen/model/dca.py) |
 | `layers.{i}.attn.z` | [T, H, D] | per-head attention output, before o_proj |
 | `layers.{i}.attn.out` | [T, C] | o_proj output |
 | `layers.{i}.resid_mid` | [T, C] | resid_pre + attn.out |
@@ -66,7 +68,9 @@ _MLP = ("gate", "up", "act", "down")
 # (name relative to layer i, kind of layer it exists on), in the order the reference computes them
 LAYER_POINTS = (
     [(n, "all") for n in ("resid_pre", "attn_norm", "attn.q", "attn.k", "attn.v", "attn.q_rot", "attn.k_rot",
-                          "attn.pattern", "attn.z", "attn.out", "resid_mid", "mlp_norm")]
+                          "attn.pattern")]
+    + [(f"attn.dca_{n}", "dca") for n in ("intra", "previous", "earlier")]  # with Dual Chunk Attention
+    + [(n, "all") for n in ("attn.z", "attn.out", "resid_mid", "mlp_norm")]
     + [(f"mlp.{n}", "dense") for n in _MLP]
     + [(f"moe.{n}", "sparse") for n in ("router_logits", "router_probs", "chosen", "weights", "routed",
                                         "shared_gate")]
@@ -85,7 +89,8 @@ def point_names(config) -> list[str]:
     """Every trace point of a model with this config, in forward order."""
     def layer_points(i):
         kind = "sparse" if i in config.sparse_layers else "dense"
-        return [f"layers.{i}.{name}" for name, where in LAYER_POINTS if where in ("all", kind)]
+        kinds = ("all", kind, "dca") if config.dual_chunk_attention else ("all", kind)
+        return [f"layers.{i}.{name}" for name, where in LAYER_POINTS if where in kinds]
 
     return [*BEFORE_LAYERS, *(n for i in range(config.num_hidden_layers) for n in layer_points(i)), *AFTER_LAYERS]
 

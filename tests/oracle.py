@@ -21,6 +21,11 @@ CONFIGS = {
     "dense-untied": ("qwen2", dict(TINY, tie_word_embeddings=False)),
     "dense-yarn": ("qwen2", dict(TINY, max_position_embeddings=128, rope_parameters=dict(
         rope_type="yarn", factor=4.0, rope_theta=10000.0, original_max_position_embeddings=32))),
+    # YaRN as the Qwen2 model cards set it, small enough to run 40K tokens in seconds
+    "dense-yarn-long": ("qwen2", dict(TINY, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=131072,
+                                      rope_parameters=dict(rope_type="yarn", factor=4.0, rope_theta=1e6,
+                                                           original_max_position_embeddings=32768))),
     "dense-sliding": ("qwen2", dict(TINY, use_sliding_window=True, sliding_window=8, max_window_layers=2)),
     "moe-step1": ("qwen2_moe", dict(TINY_MOE, decoder_sparse_step=1, norm_topk_prob=False)),
     "moe-step1-norm": ("qwen2_moe", dict(TINY_MOE, decoder_sparse_step=1, norm_topk_prob=True)),

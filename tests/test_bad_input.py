@@ -111,5 +111,5 @@ def test_bad_token_ids_and_context(folder):
     model = refqwen.load(folder, progress=False)
     with pytest.raises(RefqwenError, match=r"token id 128 is outside the vocabulary \[0, 128\)"):
         model.forward([1, 128])
-    with pytest.raises(RefqwenError, match="exceed the context window of 512"):
+    with pytest.raises(RefqwenError, match="513 new tokens need 513 positions; the context window holds 512: turn on"):
         model.forward(np.zeros(513, int))

@@ -16,6 +16,7 @@ float32 rounding (tests/test_attention.py checks it on random shapes with hypoth
 import numpy as np
 
 from refqwen.model.cache import LayerCache
+from refqwen.model.dca import dual_chunk_attention
 from refqwen.model.hooks import UNTRACED
 
 BLOCK = 256  # queries and keys per block: scores use KV x G x 256 x 256 floats at most
@@ -31,6 +32,7 @@ class Attention:
         self.v_proj, self.v_bias = v_proj, v_bias  # [KV*D, C], [KV*D]
         self.o_proj = o_proj  # [C, H*D], no bias
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.dca = None  # with Dual Chunk Attention: the model's Config (refqwen/model/dca.py)
 
     @classmethod
     def from_weights(cls, w: dict, prefix: str, cfg, ops) -> "Attention":
@@ -40,8 +42,10 @@ class Attention:
         def bias(name):  # qwen2_moe may switch q/k/v biases off (qkv_bias: false)
             return ops.prepare_float(f"{prefix}.{name}.bias", w[f"{prefix}.{name}.bias"]) if cfg.qkv_bias else None
 
-        return cls(ops, weight("q_proj"), bias("q_proj"), weight("k_proj"), bias("k_proj"), weight("v_proj"),
+        attn = cls(ops, weight("q_proj"), bias("q_proj"), weight("k_proj"), bias("k_proj"), weight("v_proj"),
                    bias("v_proj"), weight("o_proj"), cfg.num_attention_heads, cfg.num_key_value_heads)
+        attn.dca = cfg if cfg.dual_chunk_attention else None
+        return attn
 
     def __call__(self, x, cos, sin, cache: LayerCache, window: int | None) -> np.ndarray:
         """x [T, C]; cos, sin [T, D] for the T new positions -> [T, C]"""
@@ -49,6 +53,7 @@ class Attention:
         q = hook("q", ops.linear(x, self.q_proj, self.q_bias).reshape(T, self.num_heads, -1))  # [T, H, D]
         k = hook("k", ops.linear(x, self.k_proj, self.k_bias).reshape(T, self.num_kv_heads, -1))  # [T, KV, D]
         v = hook("v", ops.linear(x, self.v_proj, self.v_bias).reshape(T, self.num_kv_heads, -1))  # [T, KV, D]
+        q_raw = q  # DCA rotates the queries itself, three ways
         q = hook("q_rot", ops.apply_rotary(q, cos, sin))  # [T, H, D]
         k = hook("k_rot", ops.apply_rotary(k, cos, sin))  # [T, KV, D]
         start = cache.length  # position of the first new token
@@ -56,7 +61,11 @@ class Attention:
         if hook.wants("pattern"):  # opt-in: the blocked attention below never forms this [H, T, S] matrix
             # cache.keys is [S, KV, D] in every cache, whatever layout `keys` has for the backend's attention
             hook("pattern", attention_pattern(q, cache.keys[:cache.length], start, window))
-        z = hook("z", ops.attention(q, keys, values, start, window))  # [T, H, D]
+        if self.dca is not None:  # cos, sin rotated the keys by their place in their chunk; q is rotated 3 ways
+            z = hook("z", dual_chunk_attention(q_raw, keys, values, start, self.dca.rope_inv_freq,
+                                               self.dca.rope_attention_factor, self.dca.dual_chunk_attention, hook))
+        else:
+            z = hook("z", ops.attention(q, keys, values, start, window))  # [T, H, D]
         return hook("out", ops.linear(z.reshape(T, -1), self.o_proj))
 
 

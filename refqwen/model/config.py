@@ -7,7 +7,7 @@ below and nowhere else, so there is one place to read and one place to check.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -42,6 +42,49 @@ class YarnScaling:
     attention_factor: float | None = None  # None: 0.1 ln(factor) + 1
     truncate: bool = True
 
+    def __post_init__(self):
+        for name in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                    and math.isfinite(value) and value > 0):
+                raise ConfigError(f"invalid YaRN rope_scaling: {name} must be a positive number, got {value!r}")
+        if self.attention_factor is not None and not self.attention_factor > 0:
+            raise ConfigError(f"invalid YaRN rope_scaling: attention_factor must be positive, "
+                              f"got {self.attention_factor!r}")
+
+
+@dataclass(frozen=True)
+class DualChunkAttention:
+    """Dual Chunk Attention (Qwen2.5-1M's `dual_chunk_attention_config`; refqwen/model/dca.py)."""
+
+    chunk_size: int
+    local_size: int
+    original_max_position_embeddings: int = 0  # 0: no length temperature
+
+    def __post_init__(self):
+        for name in ("chunk_size", "local_size", "original_max_position_embeddings"):
+            value = getattr(self, name)
+            least = 0 if name == "original_max_position_embeddings" else 1
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= least):
+                raise ConfigError(f"invalid dual_chunk_attention_config: {name} must be an integer >= {least}, "
+                                  f"got {value!r}")
+        if self.local_size >= self.chunk_size:
+            raise ConfigError(f"invalid dual_chunk_attention_config: local_size ({self.local_size}) must be "
+                              f"smaller than chunk_size ({self.chunk_size})")
+
+
+def dual_chunk_attention(block, source: str) -> DualChunkAttention | None:
+    """A `dual_chunk_attention_config` dict checked, or None."""
+    if block is None:
+        return None
+    if not isinstance(block, dict):
+        raise ConfigError(f"{source}: dual_chunk_attention_config must be a dict with chunk_size and local_size")
+    try:
+        return DualChunkAttention(chunk_size=block.get("chunk_size"), local_size=block.get("local_size"),
+                                  original_max_position_embeddings=block.get("original_max_position_embeddings", 0))
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
 
 @dataclass(frozen=True)
 class Config:
@@ -71,6 +114,7 @@ class Config:
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
     eos_token_ids: tuple[int, ...] = ()
+    dual_chunk_attention: DualChunkAttention | None = None
 
     def __post_init__(self):
         def need(ok, message):
@@ -135,6 +179,26 @@ class Config:
         """The attention window of a layer, or None for full causal attention."""
         return self.sliding_window if layer in self.sliding_layers else None
 
+    @property
+    def context_window(self) -> int:
+        """Positions a prompt plus its answer may use: max_position_embeddings, or YaRN's extended
+        window original x factor when that is larger (Qwen2-7B's config says 32,768 and its model
+        card adds the YaRN block for 131,072)."""
+        if self.dual_chunk_attention is not None:
+            return 2**62  # every query-key distance DCA forms stays inside one chunk: no window
+        if self.rope_scaling is None:
+            return self.max_position_embeddings
+        s = self.rope_scaling
+        return max(self.max_position_embeddings, int(s.original_max_position_embeddings * s.factor))
+
+    def too_long(self, length: int, what: str) -> str:
+        """The error for `length` positions that do not fit: both numbers, and how to extend the window."""
+        how = ("turn on YaRN, as the Qwen2 model cards instruct: refqwen.load(path, rope_scaling={'type': 'yarn', "
+               f"'factor': 4.0, 'original_max_position_embeddings': {self.max_position_embeddings}}}) or "
+               "--yarn 4 on the command line" if self.rope_scaling is None
+               else "a larger YaRN factor (rope_scaling / --yarn) extends it further")
+        return f"{what} need {length} positions; the context window holds {self.context_window}: {how}"
+
     @cached_property
     def rope_inv_freq(self) -> np.ndarray:
         """Rotary inverse frequencies.  -> [head_dim / 2] float32"""
@@ -159,10 +223,13 @@ class Config:
         """A config.json that from_hf_dict (and transformers) reads back as this config."""
         arch = {v: k for k, v in HF_ARCHITECTURES.items()}[self.model_type]
         raw = {k: v for k, v in vars(self).items() if k in self.__dataclass_fields__
-               and k not in ("rope_theta", "rope_scaling", "sliding_window", "eos_token_ids", "layer_types")}
+               and k not in ("rope_theta", "rope_scaling", "sliding_window", "eos_token_ids", "layer_types",
+                             "dual_chunk_attention")}
         rope = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling:
             rope = dict(vars(self.rope_scaling), rope_type="yarn", rope_theta=self.rope_theta)
+        if self.dual_chunk_attention:
+            raw["dual_chunk_attention_config"] = dict(vars(self.dual_chunk_attention))
         raw.update(architectures=[arch], rope_parameters=rope, use_sliding_window=self.sliding_window is not None,
                    sliding_window=self.sliding_window, mlp_only_layers=list(self.mlp_only_layers),
                    layer_types=list(self.layer_types) if self.layer_types else None,
@@ -211,6 +278,7 @@ class Config:
             rms_norm_eps=_hf_number(key("rms_norm_eps", 1e-6), "rms_norm_eps", source),
             rope_theta=_hf_number(theta, "rope_theta", source),
             rope_scaling=scaling,
+            dual_chunk_attention=dual_chunk_attention(raw.get("dual_chunk_attention_config"), source),
             max_position_embeddings=key("max_position_embeddings", 32768),
             tie_word_embeddings=_hf_bool(key("tie_word_embeddings", False), "tie_word_embeddings", source),
             sliding_window=key("sliding_window", None)
@@ -360,6 +428,22 @@ def _build(cls, fields: dict, source: str) -> "Config":
         raise ConfigError(f"{source}: invalid Qwen2 config: {e}") from None
 
 
+def with_rope_scaling(cfg: Config, block, source: str = "rope_scaling override") -> Config:
+    """cfg with its rotary scaling replaced by `block`, a YaRN dict as in config.json
+    ({"type" or "rope_type": "yarn", "factor", "original_max_position_embeddings"}; the original
+    defaults to cfg.max_position_embeddings), or None / {"type": "default"} for plain rotary."""
+    if block is None:
+        return replace(cfg, rope_scaling=None)
+    if not isinstance(block, dict):
+        raise ConfigError(f"{source}: expected a dict like {{'type': 'yarn', 'factor': 4.0}}, got {block!r}")
+    kind = block.get("rope_type", block.get("type", "yarn"))
+    if kind == "default":
+        return replace(cfg, rope_scaling=None)
+    if kind != "yarn":
+        raise ConfigError(f"{source}: rope type {kind!r} is not supported; Qwen2 uses 'default' or 'yarn'")
+    return replace(cfg, rope_scaling=yarn_scaling(block, cfg.max_position_embeddings, source))
+
+
 def _hf_model_type(raw: dict, source: str) -> str:
     archs = raw.get("architectures") or []
     if not isinstance(archs, list):
@@ -387,16 +471,31 @@ def _hf_rope(raw: dict, source: str) -> tuple[float, YarnScaling | None]:
         raise ConfigError(f"{source}: rope type {kind!r} is not supported; Qwen2 uses 'default' or 'yarn'")
     if params.get("mscale") and params.get("mscale_all_dim"):
         raise ConfigError(f"{source}: YaRN with mscale/mscale_all_dim (DeepSeek style) is not a Qwen2 setting")
-    max_pos = raw.get("max_position_embeddings", 32768)
-    original = params.get("original_max_position_embeddings") or raw.get("original_max_position_embeddings") or max_pos
-    factor = params.get("factor") or max_pos / original
-    if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
-        raise ConfigError(f"{source}: YaRN factor must be a positive number, got {factor!r}")
-    return theta, YarnScaling(
-        factor=float(factor),
-        original_max_position_embeddings=int(original),
-        beta_fast=float(params.get("beta_fast") or 32.0),
-        beta_slow=float(params.get("beta_slow") or 1.0),
-        attention_factor=params.get("attention_factor"),
-        truncate=bool(params.get("truncate", True)),
-    )
+    if params.get("original_max_position_embeddings") is None:
+        params["original_max_position_embeddings"] = raw.get("original_max_position_embeddings")
+    return theta, yarn_scaling(params, raw.get("max_position_embeddings", 32768), source)
+
+
+def _first_given(*values):
+    """The first value that is not None (0 is a value, to be refused, not a missing key)."""
+    return next((v for v in values if v is not None), None)
+
+
+def yarn_scaling(params: dict, max_position_embeddings: int, source: str) -> YarnScaling:
+    """A YaRN block ({"type"/"rope_type": "yarn", "factor", "original_max_position_embeddings", ...}) checked."""
+    original = _first_given(params.get("original_max_position_embeddings"), max_position_embeddings)
+    factor = params.get("factor")
+    if factor is None and isinstance(original, (int, float)) and original > 0:
+        factor = max_position_embeddings / original  # transformers' rule when the block omits the factor
+    try:
+        number = (int, float)
+        return YarnScaling(
+            factor=float(factor) if isinstance(factor, number) else factor,
+            original_max_position_embeddings=int(original) if isinstance(original, number) else original,
+            beta_fast=_first_given(params.get("beta_fast"), 32.0),
+            beta_slow=_first_given(params.get("beta_slow"), 1.0),
+            attention_factor=params.get("attention_factor"),
+            truncate=bool(params.get("truncate", True)),
+        )
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None

@@ -13,6 +13,7 @@ from refqwen.errors import RefqwenError
 from refqwen.model.attention import Attention
 from refqwen.model.cache import KVCache
 from refqwen.model.config import Config
+from refqwen.model.dca import key_positions
 from refqwen.model.hooks import UNTRACED, TracePoints
 from refqwen.model.mlp import MLP
 from refqwen.model.moe import SparseMoE
@@ -87,10 +88,11 @@ class Model:
         ids = self._check_ids(ids)
         cache = self._check_cache(cache) if cache is not None else self.new_cache()
         start = cache.length  # position of the first new token
-        if start + len(ids) > self.config.max_position_embeddings:
-            raise RefqwenError(f"{start} cached + {len(ids)} new tokens exceed the context window of "
-                               f"{self.config.max_position_embeddings} positions")
+        if start + len(ids) > self.config.context_window:
+            raise RefqwenError(self.config.too_long(start + len(ids), f"{start} cached + {len(ids)} new tokens"))
         positions = np.arange(start, start + len(ids))  # [T]
+        if self.config.dual_chunk_attention:  # keys are rotated by their place in their chunk
+            positions = key_positions(positions, self.config.dual_chunk_attention)
         cos, sin = rotary_cos_sin(self.config.rope_inv_freq, positions, self.config.rope_attention_factor)
         x = self.hook("embed", self.ops.embed(ids, self.embed_tokens))  # [T, C]
         for layer, layer_cache in zip(self.layers, cache.layers):

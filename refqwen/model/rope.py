@@ -13,10 +13,22 @@ import math
 import numpy as np
 
 
+def rotation_periods(theta: float, head_dim: int) -> np.ndarray:
+    """p[i] = theta^(2i/D) for i < D/2, each correctly rounded to float32.  -> [D/2] float32
+
+    transformers computes `theta ** (arange(0, D, 2) / D)` in float32 torch. The exponents are
+    exact float32 values; the power is taken in float64 and rounded once, which is the correctly
+    rounded float32 power. torch's scalar code gives exactly this; its SIMD code (SLEEF, 1 ulp)
+    can be 1 ulp off in a few channels, so transformers' own table depends on the CPU it runs on
+    (see docs/long-context.md).
+    """
+    exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)  # exact in float32
+    return np.power(np.float64(theta), exponents.astype(np.float64)).astype(np.float32)
+
+
 def default_inv_freq(theta: float, head_dim: int) -> np.ndarray:
-    """inv_freq[i] = theta^(-2i/D) for i < D/2.  -> [D/2] float32"""
-    exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
-    return np.float32(1.0) / np.power(np.float32(theta), exponents)
+    """inv_freq[i] = 1 / theta^(2i/D) for i < D/2, rounded as transformers rounds it.  -> [D/2] float32"""
+    return np.float32(1.0) / rotation_periods(theta, head_dim)
 
 
 def yarn_correction_range(theta, head_dim, original_max_pos, beta_fast, beta_slow, truncate=True):
@@ -38,8 +50,9 @@ def yarn_correction_range(theta, head_dim, original_max_pos, beta_fast, beta_slo
 
 def yarn_inv_freq(theta, head_dim, factor, original_max_pos, beta_fast=32.0, beta_slow=1.0, truncate=True):
     """YaRN frequencies: a linear ramp between theta^(-2i/D) and theta^(-2i/D) / factor.  -> [D/2]"""
-    extrapolated = default_inv_freq(theta, head_dim)
-    interpolated = extrapolated / np.float32(factor)
+    periods = rotation_periods(theta, head_dim)
+    extrapolated = np.float32(1.0) / periods
+    interpolated = np.float32(1.0) / (np.float32(factor) * periods)  # as transformers: 1/(factor p), not (1/p)/factor
     low, high = yarn_correction_range(theta, head_dim, original_max_pos, beta_fast, beta_slow, truncate)
     if low == high:
         high += 0.001  # avoid 0/0, as transformers does
