@@ -8,6 +8,8 @@ huge string or list. Any failure inside the template is one RefqwenError.
 
 import json
 import operator
+import re
+import string
 import time
 from contextvars import ContextVar
 from datetime import datetime
@@ -119,9 +121,13 @@ class _BoundedRange:
 
 
 class _BoundedSandbox(ImmutableSandboxedEnvironment):
-    intercepted_binops = frozenset({"*", "**"})
+    intercepted_binops = frozenset({"*", "**", "%"})
 
     def call_binop(self, context, operator_name, left, right):
+        if operator_name == "%":  # printf-style formatting: its widths and precisions size the output
+            if isinstance(left, str):
+                _check_spec_numbers("".join(_PRINTF_SPEC.findall(left)))
+            return operator.mod(left, right)
         if operator_name == "**":
             if isinstance(right, int) and abs(right) > MAX_EXPONENT and abs(left) > 1:
                 raise SecurityError(f"exponent {right} is above the template limit of {MAX_EXPONENT}")
@@ -133,6 +139,15 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
         if isinstance(left, int) and isinstance(right, int) and left.bit_length() + right.bit_length() > 1 << 16:
             raise SecurityError("an integer product above the template limit")
         return operator.mul(left, right)
+
+    def wrap_str_format(self, value):
+        """str.format and format_map: a width or precision in the format string sizes the output too."""
+        wrapper = super().wrap_str_format(value)
+        if wrapper is None:
+            return None
+        for _, _, spec, _ in string.Formatter().parse(value.__self__):
+            _check_spec_numbers(spec or "")
+        return wrapper
 
     def call(self, context, obj, *args, **kwargs):
         _check_time()
@@ -147,6 +162,14 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
     def getitem(self, obj, argument):
         _check_time()
         return super().getitem(obj, argument)
+
+
+_PRINTF_SPEC = re.compile(r"%[-#0 +]*[0-9]*(?:\.[0-9]*)?")  # "%08.3" of "%08.3f"
+
+
+def _check_spec_numbers(spec: str) -> None:
+    if any(int(n) > MAX_CHARS for n in re.findall(r"[0-9]+", spec)):
+        raise SecurityError(f"a format width or precision above the template limit of {MAX_CHARS} ({spec!r})")
 
 
 def _raise_exception(message):
@@ -167,6 +190,15 @@ def _width_checked(jinja_filter):
     return checked
 
 
+def _printf_checked(jinja_filter):
+    def checked(value, *args, **kwargs):
+        if isinstance(value, str):
+            _check_spec_numbers("".join(_PRINTF_SPEC.findall(value)))
+        return jinja_filter(value, *args, **kwargs)
+
+    return checked
+
+
 @lru_cache(maxsize=8)
 def _compile(template: str) -> jinja2.Template:
     env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
@@ -176,6 +208,7 @@ def _compile(template: str) -> jinja2.Template:
     env.globals["range"] = _BoundedRange
     for name in ("center", "indent", "truncate", "wordwrap"):  # their width argument sizes the output
         env.filters[name] = _width_checked(env.filters[name])
+    env.filters["format"] = _printf_checked(env.filters["format"])
     try:
         return env.from_string(template)
     except jinja2.TemplateSyntaxError as e:

@@ -19,6 +19,13 @@ def main(argv=None) -> int:
         return 130
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse, with a usage error on one line like every other error (subcommands inherit it)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _load(args):
     import refqwen
 
@@ -269,7 +276,7 @@ def _parser() -> argparse.ArgumentParser:
     from refqwen import backends
     from refqwen.compare import ATOL, RTOL
 
-    parser = argparse.ArgumentParser(prog="refqwen", description="Read, run and check Qwen2 models.")
+    parser = OneLineErrors(prog="refqwen", description="Read, run and check Qwen2 models.")
     sub = parser.add_subparsers(dest="command", required=True)
     model_args = argparse.ArgumentParser(add_help=False)
     model_args.add_argument("--model", default="demo",

@@ -166,9 +166,17 @@ def test_chat_template_rendering_is_bounded(monkeypatch):
     assert time.monotonic() - start < 5
     with pytest.raises(RefqwenError, match="output passed"):
         chat_template.render_chat_template("{% for i in range(100000) %}{{ 'x' * 100 }}{% endfor %}", user)
-    for template in ("{{ 'ab' * 100000000 }}", "{{ 7 ** 100000 }}", "{{ 'x'|center(1000000000) }}"):
+    for template in ("{{ 'ab' * 100000000 }}", "{{ 7 ** 100000 }}", "{{ 'x'|center(1000000000) }}",
+                     # a width or precision written in a format string sizes the output before any cap sees it
+                     "{{ '{:>999999999}'.format(1) }}", "{{ '{x:.999999999f}'.format_map({'x': 1.5}) }}",
+                     "{{ '%999999999d' % 1 }}", "{{ '%.999999999f'|format(1.5) }}", "{{ '{:{}}'.format(1, 10**9) }}"):
+        start = time.monotonic()
         with pytest.raises(RefqwenError, match="above the template limit"):
             chat_template.render_chat_template(template, user)
+        assert time.monotonic() - start < 0.5, template  # refused before building anything
+    # ordinary formatting still works
+    assert chat_template.render_chat_template("{{ '{:>4}|%03d'.format(7) % 5 }}{{ '%s-%s'|format(1, 2) }}",
+                                              user) == "   7|0051-2"
 
 
 # ---- 2. silently wrong results --------------------------------------------------------------------------
@@ -437,6 +445,14 @@ def test_cli_prints_one_line_and_exits_2(folder, capsys, break_it):
     err = capsys.readouterr().err  # after the progress bar, if loading got that far
     assert err.endswith("\n") and err.rstrip("\n").split("\n")[-1].startswith("refqwen: error: "), err
     assert err.count("refqwen: error") == 1 and "Traceback" not in err, err
+
+
+def test_cli_usage_errors_are_one_line_too(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["generate", "hi", "--max-new-tokens", "many"])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("refqwen generate: error: argument --max-new-tokens"), err
 
 
 def test_cli_multi_line_error_becomes_one_line(folder, capsys):
