@@ -13,6 +13,7 @@ import re
 import shutil
 import signal
 import stat
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -157,3 +158,22 @@ def write_errors(out: Path):
     except OSError as e:
         reason = e.strerror or str(e)
         raise RefqwenError(f"{out}: cannot write the output: {reason}; nothing was written") from None
+
+
+@contextmanager
+def atomic_output_file(out: Path):
+    """A temporary path beside `out` to write; on success it follows the umask and replaces `out` whole.
+    On any error or SIGTERM it is removed, and a write error is one RefqwenError; partials left by a killed
+    run of the same output are removed first."""
+    with write_errors(out), sigterm_as_interrupt():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_partials(out)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=partial_prefix(out))
+        os.close(fd)
+        try:
+            yield Path(tmp)
+            follow_umask(Path(tmp))
+            os.replace(tmp, out)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)

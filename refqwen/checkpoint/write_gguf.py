@@ -8,8 +8,6 @@ stack of experts) at a time. The file is written under a temporary name and rena
 """
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import gguf
@@ -20,7 +18,7 @@ from refqwen.checkpoint.gguf import GLOBAL_NAMES, LAYER_NAMES, STACKED_EXPERTS, 
 from refqwen.checkpoint.open import open_checkpoint
 from refqwen.checkpoint.quantized import is_quantized_name, kept_names
 from refqwen.errors import RefqwenError
-from refqwen.files import clean_stale_partials, follow_umask, partial_prefix, sigterm_as_interrupt, write_errors
+from refqwen.files import atomic_output_file
 
 Q8_0 = gguf.GGMLQuantizationType.Q8_0
 BLOCK = 32  # values per Q8_0 block, along a row
@@ -39,18 +37,8 @@ def write_gguf_checkpoint(source, out, keep=(), force: bool = False, progress: b
     path, cfg, weights, tokenizer = open_checkpoint(source, progress)
     layout = gguf_layout(cfg, weights.shapes)
     check_q8_alignment(layout, weights.shapes, floats)
-    with write_errors(out), sigterm_as_interrupt():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        clean_stale_partials(out)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=partial_prefix(out))
-        os.close(fd)
-        try:
-            _write_file(tmp, cfg, path, tokenizer, layout, weights, floats, progress)
-            follow_umask(Path(tmp))
-            os.replace(tmp, out)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+    with atomic_output_file(out) as tmp:
+        _write_file(str(tmp), cfg, path, tokenizer, layout, weights, floats, progress)
     return out
 
 
