@@ -1,45 +1,84 @@
-"""Causal grouped-query attention over the KV cache as parallel Numba kernels, for prefill and decode.
+"""Grouped-query attention over the KV cache as parallel Numba kernels, for prefill and decode.
 
 Same semantics as `refqwen.model.attention.causal_attention` (the specification): query head h
 reads key/value head h // G; the query at position i sees key j iff j <= i and, with a window,
 i - j < window; softmax(q k / sqrt(D)) v with an online softmax, so memory stays bounded
 (QUERY_BLOCK x G rows by KEY_BLOCK keys of scores per task, never a T x S matrix).
 
+The kernel underneath, `attend_ranges`, is more general: query t sees the keys lo[t] .. hi[t]-1,
+any contiguous range, with any logit scale, and it also returns each row's log-sum-exp. Causal
+and sliding-window attention are two choices of ranges; Dual Chunk Attention (`dual_chunk_attention`)
+is three calls, one per group of keys, merged by their log-sum-exp as the reference does.
+
 Work is split into tasks (key/value head, block of QUERY_BLOCK positions): the G query heads that
 share a key/value head and QUERY_BLOCK positions are R = G x QUERY_BLOCK rows that reuse every key
-and value they load. Per block of KEY_BLOCK keys, scores and the weighted sum of values are both
-dot products over a contiguous axis (the block's keys as they are, its values transposed), done
-two rows by two columns at a time so that the sums stay in registers. Decode (T = 1) is one task
-per key/value head.
+and value they load. Per block of KEY_BLOCK keys, the scores (rows x keys) and the weighted sum of
+values (rows x head size) are matrix products done in register tiles (backends/float_tiles.py), and
+between them each row's running maximum, weights and sum are updated with vectorized max and exp.
+Decode (T = 1) is one task per key/value head.
 """
+
+import math
 
 import numpy as np
 
+from refqwen.model import dca
+from refqwen.model.hooks import UNTRACED
+
 try:
     from numba import njit, prange
+
+    from refqwen.backends.float_tiles import COLS, LANES, MT, float_from_bits, tile_add, tile_store, vector_max
 except ImportError:  # the backends that use this module report numba as unavailable
     njit = None
 
 QUERY_BLOCK = 16  # query positions per task
-KEY_BLOCK = 128  # keys per step of the online softmax
+KEY_BLOCK = 256  # keys per step of the online softmax (a multiple of the tiles' COLS)
 # Floating-point reassociation lets LLVM vectorize the sums; no "ninf"/"nnan": the masks rely on them.
 FAST = {"reassoc", "contract"}
-NO_WINDOW = 0
+EMPTY = np.float32(-3.0e38)  # running maximum of a row that has seen no key yet
 
 
 def attention(q, keys, values, start: int, window: int | None) -> np.ndarray:
     """q [T, H, D] at positions start .. start+T-1; keys, values [S, KV, D] -> [T, H, D]"""
+    positions = np.arange(start, start + q.shape[0])
+    first = np.zeros_like(positions) if window is None else np.maximum(0, positions - window + 1)
+    out, _ = attend_ranges(q, keys, values, first, positions + 1, q.shape[2] ** -0.5)
+    return out
+
+
+def attend_ranges(q, keys, values, lo, hi, scale: float):
+    """softmax(scale q k) v where query t [of q, T x H x D] sees keys lo[t] .. hi[t]-1 of keys, values [S, KV, D].
+    -> (out [T, H, D], lse [T, H]); a query that sees no key gets out 0 and lse -inf."""
     q = np.ascontiguousarray(q, np.float32)
     keys, values = np.ascontiguousarray(keys, np.float32), np.ascontiguousarray(values, np.float32)
-    out = np.empty_like(q)
-    _attention_kernel(q, keys, values, start, NO_WINDOW if window is None else window, out)
-    return out
+    lo, hi = np.ascontiguousarray(lo, np.int64), np.ascontiguousarray(hi, np.int64)
+    out, lse = np.empty_like(q), np.empty(q.shape[:2], np.float32)
+    _attention_kernel(q, keys, values, lo, hi, np.float32(scale), out, lse)
+    return out, lse
+
+
+def dual_chunk_attention(q, keys, values, start: int, inv_freq, attention_factor: float, cfg, hook=UNTRACED):
+    """refqwen.model.dca.dual_chunk_attention with each group's attention in the kernel: the same three
+    rotations of the queries, the same key ranges, merged by log-sum-exp.  -> [T, H, D]"""
+    T, D = q.shape[0], q.shape[2]
+    positions = np.arange(start, start + T)
+    scale = dca.length_temperature(keys.shape[0], cfg) ** 2 / math.sqrt(D)
+    outs, lses = [], []
+    for name, rotate_by in dca.query_positions(positions, cfg).items():
+        lo, hi = dca.group_ranges(positions, cfg)[name]
+        out, lse = attend_ranges(dca.rotate_queries(q, rotate_by, inv_freq, attention_factor), keys, values,
+                                 lo, hi, scale)
+        outs.append(hook(f"dca_{name}", out))
+        lses.append(lse)
+    return dca.merge_by_lse(outs, lses)
 
 
 def warm_up():
     """Compile (or load from Numba's cache) the kernel."""
     x = np.ones((1, 1, 2), np.float32)
-    _attention_kernel(x, x, x, 0, NO_WINDOW, np.empty_like(x))
+    one = np.ones(1, np.int64)
+    _attention_kernel(x, x, x, one * 0, one, np.float32(1), np.empty_like(x), np.empty((1, 1), np.float32))
 
 
 if njit is not None:
@@ -51,118 +90,124 @@ if njit is not None:
         half = task // 2
         return half if task % 2 == 0 else n_blocks - 1 - half
 
+    @njit(cache=True)
+    def _round_up(n, m):
+        return (n + m - 1) // m * m
+
     @njit(parallel=True, fastmath=FAST, cache=True)
-    def _attention_kernel(q, k, v, start, window, out):
+    def _attention_kernel(q, k, v, lo, hi, scale, out, lse):
         T, H, D = q.shape
         KV = k.shape[1]
         G = H // KV
-        scale = np.float32(1.0 / np.sqrt(D))
         n_blocks = (T + QUERY_BLOCK - 1) // QUERY_BLOCK
         for task in prange(KV * n_blocks):
             kv = task % KV
             t0 = _balanced_block(task // KV, n_blocks) * QUERY_BLOCK
-            t1 = min(t0 + QUERY_BLOCK, T)
-            _attend_rows(q, k, v, start, window, kv, G, t0, t1, scale, out)
+            _attend_rows(q, k, v, lo, hi, scale, kv, G, t0, min(t0 + QUERY_BLOCK, T), out, lse)
 
     @njit(fastmath=FAST, cache=True)
-    def _attend_rows(q, k, v, start, window, kv, G, t0, t1, scale, out):
-        """Rows r = (t - t0) * G + g: query position t, query head kv * G + g."""
+    def _attend_rows(q, k, v, lo, hi, scale, kv, G, t0, t1, out, lse):
+        """Rows r = (t - t0) * G + g: query position t, query head kv * G + g. Arrays are padded with zeros
+        to whole register tiles: rows to Rp, head size to Dp, a block's keys to n_cols."""
         D = q.shape[2]
-        R = (t1 - t0) * G
-        qs = np.empty((R, D), np.float32)  # scaled queries
+        R, Rp, Dp = (t1 - t0) * G, _round_up((t1 - t0) * G, MT), _round_up(D, COLS)
+        qs = np.zeros((Rp, Dp), np.float32)  # scaled queries
         for r in range(R):
             for d in range(D):
                 qs[r, d] = q[t0 + r // G, kv * G + r % G, d] * scale
-        acc = np.zeros((R, D), np.float32)
-        row_max = np.full(R, np.float32(-3.0e38), np.float32)
-        denom = np.zeros(R, np.float32)
-        kb = np.empty((KEY_BLOCK, D), np.float32)  # one block of keys
-        vt = np.empty((D, KEY_BLOCK), np.float32)  # the block's values, transposed
-        p = np.empty((R, KEY_BLOCK), np.float32)  # scores, then softmax weights
-        pv = np.empty((R, D), np.float32)
-        powers = np.empty(KEY_BLOCK, np.int32)  # scratch of _exp_shifted
-        first = 0 if window == NO_WINDOW else max(0, start + t0 - window + 1)
-        last = start + t1 - 1
-        for s0 in range(first, last + 1, KEY_BLOCK):
-            n = min(KEY_BLOCK, last + 1 - s0)
-            for j in range(n):
-                for d in range(D):
-                    kb[j, d] = k[s0 + j, kv, d]
-                    vt[d, j] = v[s0 + j, kv, d]
-            _dot_products(qs, kb, p, n, D)  # p[r, j] = qs[r] . k[s0 + j]
-            for r in range(R):
-                pos = start + t0 + r // G
-                lo = s0 if window == NO_WINDOW else max(s0, pos - window + 1)
-                hi = min(s0 + n, pos + 1)
-                _softmax_step(p[r], lo - s0, hi - s0, n, powers, acc[r], row_max, denom, r)
-            _dot_products(p, vt, pv, D, n)  # pv[r, d] = sum_j p[r, j] v[s0 + j, d]
-            for r in range(R):
-                for d in range(D):
-                    acc[r, d] += pv[r, d]
+        acc = np.zeros((Rp, Dp), np.float32)  # weighted sums of values
+        row_max = np.full(Rp, EMPTY, np.float32)
+        denom = np.zeros(Rp, np.float32)
+        kt = np.zeros((Dp, KEY_BLOCK), np.float32)  # one block of keys, transposed
+        vb = np.zeros((KEY_BLOCK, Dp), np.float32)  # the block's values
+        p = np.zeros((Rp, KEY_BLOCK), np.float32)  # scores, then softmax weights
+        first, last = lo[t0:t1].min(), hi[t0:t1].max()  # keys any row here sees: first .. last-1
+        for s0 in range(first, last, KEY_BLOCK):
+            n = min(KEY_BLOCK, last - s0)
+            n_cols = _round_up(n, COLS)
+            _copy_block(k[s0:s0 + n, kv], v[s0:s0 + n, kv], kt, vb, n_cols)
+            _matmul(qs, kt, p, Rp, n_cols, Dp, False)  # p[r, j] = qs[r] . k[s0 + j]
+            for r in range(Rp):
+                t = t0 + r // G
+                a = max(lo[t], s0) - s0 if r < R else 0
+                b = min(hi[t], s0 + n) - s0 if r < R else 0
+                _softmax_step(p[r], a, b, n_cols, acc[r], row_max, denom, r)
+            _matmul(p, vb, acc, Rp, Dp, n_cols, True)  # acc[r, d] += sum_j p[r, j] v[s0 + j, d]
         for r in range(R):
             t, h = t0 + r // G, kv * G + r % G
+            seen = denom[r] > 0
             for d in range(D):
-                out[t, h, d] = acc[r, d] / denom[r]
+                out[t, h, d] = acc[r, d] / denom[r] if seen else 0.0
+            lse[t, h] = row_max[r] + np.log(denom[r]) if seen else -np.inf
 
     @njit(fastmath=FAST, cache=True)
-    def _dot_products(a, b, c, cols, m):
-        """c[r, j] = a[r, :m] . b[j, :m] for every row r of a and j < cols.
+    def _copy_block(keys, values, kt, vb, n_cols):
+        """kt[:, :n] = keys [n, D] transposed, vb[:n] = values; zeros up to n_cols (weighted 0 anyway)."""
+        n, D = keys.shape
+        for j in range(n):
+            key = keys[j]
+            for d in range(D):
+                kt[d, j] = key[d]
+            vb[j, :D] = values[j]
+        kt[:, n:n_cols] = 0.0
+        vb[n:n_cols] = 0.0
 
-        Two rows by two columns at a time: four sums kept in registers, each loaded value used twice.
-        """
-        R = a.shape[0]
-        for r in range(0, R - 1, 2):
-            for j in range(0, cols - 1, 2):
-                s00 = s01 = s10 = s11 = np.float32(0)
-                for i in range(m):
-                    s00 += a[r, i] * b[j, i]
-                    s01 += a[r, i] * b[j + 1, i]
-                    s10 += a[r + 1, i] * b[j, i]
-                    s11 += a[r + 1, i] * b[j + 1, i]
-                c[r, j], c[r, j + 1], c[r + 1, j], c[r + 1, j + 1] = s00, s01, s10, s11
-        for r in range(R):  # the odd last row and column
-            for j in range(cols):
-                if (r < R - R % 2) and (j < cols - cols % 2):
-                    continue
-                s = np.float32(0)
-                for i in range(m):
-                    s += a[r, i] * b[j, i]
-                c[r, j] = s
+    @njit(cache=True)
+    def _matmul(a, b, c, rows, cols, inner, accumulate):
+        """c[:rows, :cols] (+)= a[:rows, :inner] @ b[:inner, :cols] in whole register tiles (rows a multiple
+        of MT, cols of COLS); a, b, c C-contiguous float32."""
+        a0, b0, c0 = a.ctypes.data, b.ctypes.data, c.ctypes.data
+        sa, sb, sc = a.strides[0], b.strides[0], c.strides[0]
+        for r in range(0, rows, MT):
+            for j in range(0, cols, COLS):
+                if accumulate:
+                    tile_add(a0 + r * sa, sa, b0 + 4 * j, sb, c0 + r * sc + 4 * j, sc, inner)
+                else:
+                    tile_store(a0 + r * sa, sa, b0 + 4 * j, sb, c0 + r * sc + 4 * j, sc, inner)
 
     @njit(fastmath=FAST, cache=True)
-    def _softmax_step(scores, lo, hi, n, powers, acc_r, row_max, denom, r):
+    def _row_max(x, lo, hi):
+        """max of x[lo:hi] (hi > lo): whole vectors in the intrinsic, the rest one by one."""
+        whole = (hi - lo) // LANES
+        best = vector_max(x[lo:].ctypes.data, whole, x[lo])
+        for j in range(lo + whole * LANES, hi):
+            best = max(best, x[j])
+        return best
+
+    @njit(fastmath=FAST, cache=True)
+    def _softmax_step(scores, lo, hi, n, acc_r, row_max, denom, r):
         """Row r sees keys lo..hi-1 of this block: turn its scores into weights under its running
         maximum (0 for the keys it does not see) and rescale what it has summed so far."""
         if lo >= hi:
-            for j in range(n):
-                scores[j] = 0.0
+            scores[:n] = 0.0
             return
-        block_max = scores[lo]
-        for j in range(lo + 1, hi):
-            block_max = max(block_max, scores[j])
+        block_max = _row_max(scores, lo, hi)
         new_max = max(row_max[r], block_max)
-        rescale = np.exp(row_max[r] - new_max)  # shrink what was summed under the old maximum
-        for d in range(acc_r.shape[0]):
-            acc_r[d] *= rescale
-        denom[r] = denom[r] * rescale + _exp_shifted(scores, lo, hi, new_max, powers)
-        for j in range(lo):
-            scores[j] = 0.0
-        for j in range(hi, n):
-            scores[j] = 0.0
+        if new_max > row_max[r]:  # shrink what was summed under the old maximum
+            rescale = np.exp(row_max[r] - new_max)
+            acc_r *= rescale
+            denom[r] *= rescale
+        denom[r] += _exp_shifted(scores[lo:hi], new_max)
+        scores[:lo] = 0.0
+        scores[hi:n] = 0.0
         row_max[r] = new_max
+
     @njit(fastmath=FAST, cache=True)
-    def _exp_shifted(x, n0, n1, shift, powers):
-        """x[j] <- exp(x[j] - shift) for j in n0..n1-1 (all arguments <= 0); returns their sum.
+    def _exp_shifted(x, shift):
+        """x <- exp(x - shift) (all arguments <= 0); returns the sum.
 
         Cephes' expf (within 1 ulp on [-87, 0]) written as plain arithmetic so that LLVM vectorizes
         it, which a call to the libm exp prevents: exp(a) = 2^n e^r with n = round(a / ln 2), e^r a
-        degree-7 polynomial on |r| <= ln2 / 2, and 2^n built from its float32 exponent bits in `powers`
-        (an int32 scratch viewed as float32). Arguments below -87 are taken as -87: a weight of 1.6e-38
-        instead of a smaller one, next to the row's largest weight, 1.
+        degree-7 polynomial on |r| <= ln2 / 2, and 2^n built from its float32 exponent bits. Arguments
+        below -87 are taken as -87: a weight of 1.6e-38 (still a normal float: no slow subnormal
+        arithmetic later) instead of a smaller one, next to the row's largest weight, 1. The clamp is a
+        comparison, not `max()`, whose NaN handling keeps LLVM from vectorizing the loop (and the loop
+        runs from 0: an index that might be negative is wrapped around, which also stops vectorization).
         """
-        bits = powers.view(np.float32)
-        for j in range(n0, n1):
-            a = max(x[j] - shift, np.float32(-87.0))
+        total = np.float32(0.0)
+        for j in range(x.shape[0]):
+            a = x[j] - shift
+            a = a if a > np.float32(-87.0) else np.float32(-87.0)
             n = np.floor(a * np.float32(1.44269504) + np.float32(0.5))
             r = a - n * np.float32(0.693359375) - n * np.float32(-2.12194440e-4)
             poly = np.float32(1.9875691500e-4)
@@ -171,10 +216,7 @@ if njit is not None:
             poly = poly * r + np.float32(4.1665795894e-2)
             poly = poly * r + np.float32(1.6666665459e-1)
             poly = poly * r + np.float32(5.0000001201e-1)
-            x[j] = poly * r * r + r + np.float32(1.0)
-            powers[j] = (np.int32(n) + np.int32(127)) << np.int32(23)
-        total = np.float32(0.0)
-        for j in range(n0, n1):
-            x[j] *= bits[j]
+            two_n = float_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
+            x[j] = (poly * r * r + r + np.float32(1.0)) * two_n
             total += x[j]
         return total

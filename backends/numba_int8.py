@@ -89,6 +89,9 @@ class NumbaInt8Backend(Backend):
     def attention(self, q, keys, values, start, window):
         return numba_attention.attention(q, keys, values, start, window)  # parallel, bounded memory
 
+    def dual_chunk_attention(self, q, keys, values, start, inv_freq, attention_factor, cfg, hook):
+        return numba_attention.dual_chunk_attention(q, keys, values, start, inv_freq, attention_factor, cfg, hook)
+
     def prepare_linear(self, name, weight):
         prepared = self.convert_linear(name, weight)
         if self.fuse_projections:

@@ -93,3 +93,35 @@ def test_attention_memory_is_linear_not_quadratic():
     growth = peak_bytes(4096) - peak_bytes(1024)
     per_copy_of_q = (4096 - 1024) * H * D * 4
     assert growth < 6 * per_copy_of_q, f"attention peak grew by {growth} bytes"
+
+
+@settings(max_examples=60, deadline=None)
+@given(T=st.integers(1, 40), S=st.integers(1, 600), KV=st.integers(1, 3), G=st.integers(1, 8),
+       D=st.sampled_from([2, 8, 64, 80]), scale=st.sampled_from([0.05, 0.3, 2.0]), seed=st.integers(0, 2**31))
+def test_numba_attend_ranges_against_float64(T, S, KV, G, D, scale, seed):
+    """backends/numba_attention.attend_ranges: query t sees keys lo[t] .. hi[t]-1 (any range, empty too),
+    out and log-sum-exp against the float64 definition."""
+    from refqwen.backends import numba_attention
+
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((T, KV * G, D)).astype(np.float32)
+    k, v = (rng.standard_normal((S, KV, D)).astype(np.float32) for _ in range(2))
+    lo = rng.integers(0, S + 1, T)
+    hi = np.minimum(S, lo + rng.integers(0, S + 1, T))
+    empty = rng.random(T) < 0.2
+    hi[empty] = lo[empty]
+    out, lse = numba_attention.attend_ranges(q, k, v, lo, hi, scale)
+    for t in range(T):
+        for h in range(KV * G):
+            if lo[t] == hi[t]:
+                assert np.all(out[t, h] == 0) and lse[t, h] == -np.inf
+                continue
+            scores = scale * (k[lo[t]:hi[t], h // G].astype(np.float64) @ q[t, h])
+            top = scores.max()
+            weights = np.exp(scores - top)
+            # float32 scores: a few roundings of scale * sum |q_d k_d| each; weights move by twice that
+            score_error = (D + 4) * 2.0 ** -23 * scale * (np.abs(k[lo[t]:hi[t], h // G]) @ np.abs(q[t, h])).max()
+            np.testing.assert_allclose(lse[t, h], top + np.log(weights.sum()), rtol=0, atol=2 * score_error + 1e-5)
+            expected = weights @ v[lo[t]:hi[t], h // G] / weights.sum()
+            atol = (64 * 2.0 ** -23 + 4 * score_error) * np.abs(v).max()
+            np.testing.assert_allclose(out[t, h], expected, rtol=0, atol=atol)

@@ -68,6 +68,28 @@ def test_three_groups_equal_one_softmax_over_remapped_positions(T, past, chunk, 
     np.testing.assert_allclose(ours, expected, rtol=0, atol=(64 * EPS32 + 4 * score_error) * np.abs(v).max())
 
 
+@settings(max_examples=40, deadline=None)
+@given(T=st.integers(1, 300), past=st.integers(0, 299), chunk=st.integers(2, 120), local=st.integers(1, 119),
+       KV=st.integers(1, 2), G=st.integers(1, 7), D=st.sampled_from([8, 64]), original=st.sampled_from([0, 30]),
+       seed=st.integers(0, 2**31))
+def test_numba_dca_equals_the_reference(T, past, chunk, local, KV, G, D, original, seed):
+    """The Numba backend's DCA (three calls of its range kernel, merged by log-sum-exp) against the reference."""
+    from refqwen.backends import numba_attention
+
+    local, past = min(local, chunk - 1), min(past, T - 1)
+    cfg = DualChunkAttention(chunk, local, original)
+    rng = np.random.default_rng(seed)
+    q = (2 * rng.standard_normal((T - past, KV * G, D))).astype(np.float32)
+    k, v = (rng.standard_normal((T, KV, D)).astype(np.float32) for _ in range(2))
+    inv_freq = default_inv_freq(10000.0, D)
+    expected = dca.dual_chunk_attention(q, k, v, past, inv_freq, 1.0, cfg)
+    got = numba_attention.dual_chunk_attention(q, k, v, past, inv_freq, 1.0, cfg)
+    # both sum float32 scores in different orders: each within the bound above of the exact result
+    s2 = dca.length_temperature(T, cfg) ** 2
+    score_error = (D + 8) * EPS32 * np.abs(q).max() * np.abs(k).max() * D * s2 / math.sqrt(D)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=2 * (64 * EPS32 + 4 * score_error) * np.abs(v).max())
+
+
 def test_length_temperature():
     cfg = DualChunkAttention(8, 2, 100)
     assert dca.length_temperature(100, cfg) == 1.0 and dca.length_temperature(50, cfg) == 1.0
@@ -75,10 +97,12 @@ def test_length_temperature():
     assert dca.length_temperature(10**6, DualChunkAttention(8, 2, 0)) == 1.0
 
 
-def test_inside_one_chunk_dca_is_plain_rotary_attention(tiny_hf, rng):
+@pytest.mark.parametrize("backend", ["numpy", "numba-int8"])
+def test_inside_one_chunk_dca_is_plain_rotary_attention(tiny_hf, rng, backend):
     folder = tiny_hf("dense-untied")[1]
-    plain = refqwen.load(folder, progress=False)
-    chunked = refqwen.load(folder, progress=False, dual_chunk_attention={"chunk_size": 120, "local_size": 20})
+    plain = refqwen.load(folder, progress=False, backend=backend)
+    chunked = refqwen.load(folder, progress=False, backend=backend,
+                           dual_chunk_attention={"chunk_size": 120, "local_size": 20})
     ids = rng.integers(0, 128, 100)  # 100 positions fit in one chunk of c = 100
     np.testing.assert_allclose(chunked.forward(ids), plain.forward(ids), rtol=0, atol=LOGITS_ATOL)
     longer = rng.integers(0, 128, 130)  # past one chunk: the remapped positions change the logits

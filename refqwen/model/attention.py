@@ -16,7 +16,6 @@ float32 rounding (tests/test_attention.py checks it on random shapes with hypoth
 import numpy as np
 
 from refqwen.model.cache import LayerCache
-from refqwen.model.dca import dual_chunk_attention
 from refqwen.model.hooks import UNTRACED
 
 BLOCK = 256  # queries and keys per block: scores use KV x G x 256 x 256 floats at most
@@ -62,8 +61,9 @@ class Attention:
             # cache.keys is [S, KV, D] in every cache, whatever layout `keys` has for the backend's attention
             hook("pattern", attention_pattern(q, cache.keys[:cache.length], start, window))
         if self.dca is not None:  # cos, sin rotated the keys by their place in their chunk; q is rotated 3 ways
-            z = hook("z", dual_chunk_attention(q_raw, keys, values, start, self.dca.rope_inv_freq,
-                                               self.dca.rope_attention_factor, self.dca.dual_chunk_attention, hook))
+            z = hook("z", ops.dual_chunk_attention(q_raw, keys, values, start, self.dca.rope_inv_freq,
+                                                   self.dca.rope_attention_factor, self.dca.dual_chunk_attention,
+                                                   hook))
         else:
             z = hook("z", ops.attention(q, keys, values, start, window))  # [T, H, D]
         return hook("out", ops.linear(z.reshape(T, -1), self.o_proj))

@@ -48,13 +48,26 @@ def length_temperature(length: int, dca) -> float:
     return max(1.0, 0.1 * math.log(length / dca.original_max_position_embeddings) + 1.0)
 
 
-def group_masks(q_pos: np.ndarray, k_pos: np.ndarray, dca) -> dict:
-    """Which keys each query sees in each group, by chunk index.  -> name -> [T, S] bool"""
+def group_ranges(q_pos: np.ndarray, dca) -> dict:
+    """The keys each query sees in each group: positions lo .. hi-1, whole chunks.  -> name -> (lo, hi), [T] each"""
     c = chunk_length(dca)
-    q_chunk, k_chunk = q_pos[:, None] // c, k_pos[None, :] // c  # [T, 1], [1, S]
-    return {"intra": (k_chunk == q_chunk) & (k_pos[None, :] <= q_pos[:, None]),
-            "previous": k_chunk == q_chunk - 1,
-            "earlier": k_chunk <= q_chunk - 2}
+    chunk_start = q_pos // c * c  # first position of the query's chunk
+    previous_start = np.maximum(chunk_start - c, 0)
+    return {"intra": (chunk_start, q_pos + 1),  # causal inside its own chunk
+            "previous": (previous_start, chunk_start),  # empty in the first chunk
+            "earlier": (np.zeros_like(q_pos), previous_start)}  # empty in the first two chunks
+
+
+def group_masks(q_pos: np.ndarray, k_pos: np.ndarray, dca) -> dict:
+    """Which keys each query sees in each group.  -> name -> [T, S] bool"""
+    return {name: (k_pos[None, :] >= lo[:, None]) & (k_pos[None, :] < hi[:, None])
+            for name, (lo, hi) in group_ranges(q_pos, dca).items()}
+
+
+def rotate_queries(q, positions, inv_freq, attention_factor: float) -> np.ndarray:
+    """q [T, H, D] rotated by one position per query, positions [T] (one group's).  -> [T, H, D]"""
+    cos, sin = rotary_cos_sin(inv_freq, positions, attention_factor)
+    return apply_rotary(q, cos, sin)
 
 
 def attend_with_lse(q, k, v, visible):
@@ -97,8 +110,7 @@ def dual_chunk_attention(q, keys, values, start: int, inv_freq, attention_factor
         t1 = min(t0 + QUERY_BLOCK, T)
         masks = group_masks(np.arange(start + t0, start + t1), np.arange(S), dca)
         for name, rotate_by in groups.items():
-            cos, sin = rotary_cos_sin(inv_freq, rotate_by[t0:t1], attention_factor)
-            q_g = apply_rotary(q[t0:t1], cos, sin) * scale
+            q_g = rotate_queries(q[t0:t1], rotate_by[t0:t1], inv_freq, attention_factor) * scale
             outs[name][t0:t1], lses[name][t0:t1] = attend_with_lse(q_g, keys, values, masks[name])
     outs = [hook(f"dca_{name}", out) for name, out in outs.items()]
     return merge_by_lse(outs, list(lses.values()))

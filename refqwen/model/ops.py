@@ -14,6 +14,7 @@ import numpy as np
 
 from refqwen.model.attention import causal_attention
 from refqwen.model.cache import KVCache
+from refqwen.model.dca import dual_chunk_attention
 from refqwen.model.linear import embed, linear
 from refqwen.model.mlp import swiglu
 from refqwen.model.moe import dispatch_experts
@@ -81,6 +82,9 @@ class Backend:
     # (q [T, H, D] at positions start .. start+T-1, keys and values [S, KV, D] as the layer's
     #  cache.append returned them: every position so far, start, window or None) -> [T, H, D]
     attention = staticmethod(causal_attention)
+    # (q [T, H, D] not rotated, keys rotated by their place in their chunk and values [S, KV, D], start,
+    #  the rotary inv_freq and attention factor, the DualChunkAttention config, hook) -> [T, H, D]
+    dual_chunk_attention = staticmethod(dual_chunk_attention)
     swiglu = staticmethod(swiglu)  # (gate [T, I], up [T, I]) -> silu(gate) * up [T, I]
     # (x [T, C], experts: list of MLPs, chosen [T, k] int, weights [T, k])
     #   -> sum_j weights[:, j] * experts[chosen[:, j]](x) [T, C], each expert run only on its tokens
