@@ -24,7 +24,8 @@ from collections.abc import Mapping
 import numpy as np
 from numba import njit, prange
 
-ENGINES = ("refqwen", "transformers")
+ENGINES = ("refqwen", "transformers", "llama.cpp")
+LLAMA_CPP = "llama.cpp:"  # engine names of llama.cpp runs: llama.cpp:<file name without .gguf>
 PROBE = "bandwidth"  # the child that measures read bandwidth
 PROBE_BYTES = 2**30  # larger than any cache by far
 FIRST_STEPS = 4  # decode steps reported one by one
@@ -205,19 +206,59 @@ def attention_peak_mib(lengths=(512, 1024, 2048, 4096), heads=14, kv_heads=2, he
     return peaks
 
 
-def run_bench(model: str, prompt_tokens: int, decode_tokens: int, baseline: str, backend_names: list[str],
-              repeats: int, json_path: str | None) -> dict:
-    """Measure the baseline ("transformers", a backend name, or "none") and each backend, interleaved."""
-    from refqwen import backends
+def llama_cpp_engines(files: list[str], python: str | None) -> dict:
+    """engine name -> (command prefix, bytes a decode step reads) for each GGUF file ("demo": the embedded
+    model) run by llama.cpp through the interpreter `python` (default: this one), checked up front."""
+    from pathlib import Path
 
-    for name in backend_names + ([baseline] if baseline not in ("transformers", "none") else []):
+    from refqwen.checkpoint.demo import demo_path
+    from refqwen.errors import RefqwenError
+
+    python = python or sys.executable
+    found = subprocess.run([python, "-c", "import llama_cpp"], capture_output=True, text=True)
+    if found.returncode != 0:
+        raise RefqwenError(f"--llama-cpp: {python} cannot import llama_cpp; build llama-cpp-python into a "
+                           "benchmark-only environment and pass its interpreter as --llama-cpp-python")
+    engines = {}
+    for name in files:
+        path = demo_path(progress=False) if name == "demo" else Path(name)
+        script = str(Path(__file__).with_name("bench_llama_cpp.py"))
+        engines[LLAMA_CPP + path.name.removesuffix(".gguf")] = ([python, script, str(path)],
+                                                                gguf_bytes_per_token(path))
+    return engines
+
+
+def gguf_bytes_per_token(path) -> int:
+    """Bytes of weight matrices a llama.cpp decode step reads: every 2-D tensor once, except the token
+    embedding (one row) when the file has its own output matrix."""
+    from refqwen.checkpoint.gguf import open_gguf
+
+    tensors = {t.name: t for t in open_gguf(path).tensors}  # open_gguf checks the header first
+    return int(sum(t.n_bytes for name, t in tensors.items() if len(t.shape) >= 2
+                   and not (name == "token_embd.weight" and "output.weight" in tensors)))
+
+
+def run_bench(model: str, prompt_tokens: int, decode_tokens: int, baseline: str, backend_names: list[str],
+              repeats: int, json_path: str | None, llama_cpp: list[str] = (), llama_cpp_python: str | None = None
+              ) -> dict:
+    """Measure the baseline ("transformers", a backend name, a llama.cpp engine or "none"), each backend and
+    each llama.cpp GGUF file, interleaved."""
+    from refqwen import backends
+    from refqwen.errors import RefqwenError
+
+    llama = llama_cpp_engines(list(llama_cpp), llama_cpp_python) if llama_cpp else {}
+    if baseline.startswith(LLAMA_CPP) and baseline not in llama:
+        raise RefqwenError(f"--baseline {baseline}: not one of the --llama-cpp engines ({', '.join(llama) or 'none'})")
+    for name in backend_names + ([baseline] if baseline not in ("transformers", "none", *llama) else []):
         backends.get(name)  # an unknown or unavailable backend fails here, with the list of available ones
-    engines = ([baseline] if baseline != "none" else []) + [b for b in backend_names if b != baseline]
+    engines = ([baseline] if baseline != "none" else []) + [b for b in backend_names + list(llama) if b != baseline]
     rows, bandwidth = [], {}
     for repeat in range(repeats):
         for engine in [PROBE] + engines:  # interleaved, so drift hits all alike
             print(f"measuring {engine} ...", file=sys.stderr, flush=True)
             cmd = [sys.executable, "-m", "refqwen.bench", engine, model, str(prompt_tokens), str(decode_tokens)]
+            if engine in llama:
+                cmd = llama[engine][0] + [str(prompt_tokens), str(decode_tokens)]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
                 raise SystemExit(f"benchmark of {engine} failed:\n{done.stderr[-3000:]}")
@@ -225,17 +266,23 @@ def run_bench(model: str, prompt_tokens: int, decode_tokens: int, baseline: str,
             if engine == PROBE:
                 bandwidth[repeat] = result["read_gb_s"]
                 continue
-            roofline = None
+            if engine in llama:
+                result["weight_bytes_per_token"] = llama[engine][1]
             if result.get("weight_bytes_per_token"):  # tokens/s the bandwidth allows, and the share reached
                 roofline = bandwidth[repeat] * 1e9 / result["weight_bytes_per_token"]
                 result["decode_of_roofline"] = round(result["decode_tok_s"] / roofline, 3)
             rows.append(dict(result, repeat=repeat, read_gb_s=bandwidth[repeat]))
-    report = dict(model=model, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, cpus=os.cpu_count(),
+    report = dict(model=model, llama_cpp={name: cmd[2] for name, (cmd, _) in llama.items()},
+                  prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, cpus=os.cpu_count(),
                   read_gb_s_by_repeat=bandwidth, runs=rows, attention_peak_mib_by_T=attention_peak_mib())
     print_report(report, baseline)
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump(report, f, indent=2)
+        from pathlib import Path
+
+        from refqwen.files import atomic_output_file
+
+        with atomic_output_file(Path(json_path)) as tmp:
+            Path(tmp).write_text(json.dumps(report, indent=2))
     return report
 
 

@@ -135,7 +135,7 @@ def cmd_bench(args):
     from refqwen.bench import run_bench
 
     run_bench(args.model, args.prompt_tokens, args.decode_tokens, args.baseline, args.backend.split(","),
-              args.repeats, args.json)
+              args.repeats, args.json, [f for f in (args.llama_cpp or "").split(",") if f], args.llama_cpp_python)
 
 
 def cmd_compare(args):
@@ -326,7 +326,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--baseline", default="transformers",
-                   help="'transformers' (float32, default), a backend name, or 'none'")
+                   help="'transformers' (float32, default), a backend name, a llama.cpp engine "
+                        "(llama.cpp:<file name without .gguf>), or 'none'")
+    p.add_argument("--llama-cpp", metavar="GGUF[,GGUF]",
+                   help="also run llama.cpp on these GGUF files ('demo': the embedded Q4_K_M model; "
+                        "`refqwen quantize demo --gguf FILE` writes a Q8_0 one) in the same session")
+    p.add_argument("--llama-cpp-python", metavar="PYTHON",
+                   help="interpreter of an environment with llama-cpp-python (default: this one)")
     p.add_argument("--repeats", type=int, default=1, help="interleaved repetitions of every engine")
     p.add_argument("--json", help="also write the report to this JSON file")
     p.set_defaults(run=cmd_bench)

@@ -33,3 +33,55 @@ def test_report_states_decode_against_the_roofline(capsys):
                             runs=[run], attention_peak_mib_by_T={}), "none")
     out = capsys.readouterr().out
     assert "50%" in out and "60 50 (50.0)" in out and "{0: 30.0}" in out
+
+
+def test_gguf_bytes_per_token_counts_matrices_from_the_tensor_table():
+    import gguf
+
+    from refqwen.checkpoint.gguf import open_gguf
+
+    path = "tests/fuzz/corpus/gguf/tiny.gguf"
+    tensors = open_gguf(path).tensors
+    names = {t.name for t in tensors}
+    expected = 0
+    for t in tensors:  # bytes from element counts and the type's block size, not the reader's n_bytes
+        if len(t.shape) < 2 or (t.name == "token_embd.weight" and "output.weight" in names):
+            continue
+        block, size = gguf.GGML_QUANT_SIZES[t.tensor_type]
+        expected += int(np.prod(t.shape)) // block * size
+    assert expected > 0 and bench.gguf_bytes_per_token(path) == expected
+
+
+def test_llama_cpp_needs_an_interpreter_that_has_it(tmp_path):
+    import pytest
+
+    from refqwen.errors import RefqwenError
+
+    python = tmp_path / "python"
+    python.write_text("#!/bin/sh\nexit 1\n")
+    python.chmod(0o755)
+    with pytest.raises(RefqwenError, match="cannot import llama_cpp.*--llama-cpp-python"):
+        bench.llama_cpp_engines(["tests/fuzz/corpus/gguf/tiny.gguf"], str(python))
+
+
+def test_llama_cpp_runs_beside_refqwen_with_ratios_and_roofline(tmp_path, capsys):
+    """The llama.cpp child replaced by a script that answers as bench_llama_cpp.py does: the engine is run with
+    the given file and sizes, gets the file's bytes per token and a roofline share, and can be the baseline."""
+    import json
+
+    gguf_file = "tests/fuzz/corpus/gguf/tiny.gguf"
+    python = tmp_path / "python"
+    answer = dict(engine="llama.cpp:tiny", jit_s=None, load_s=0.1, prefill_tok_s=200.0, decode_tok_s=40.0,
+                  first_steps_ms=[25.0], later_step_ms_median=25.0, weight_bytes_per_token=None, peak_rss_gib=0.5)
+    python.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/calls\necho '{json.dumps(answer)}'\n")
+    python.chmod(0o755)
+    report = bench.run_bench("demo", 8, 2, "llama.cpp:tiny", [], 1, str(tmp_path / "report.json"), [gguf_file],
+                             str(python))
+    assert json.loads((tmp_path / "report.json").read_text()) == json.loads(json.dumps(report))
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls[0] == "-c import llama_cpp" and calls[1].endswith(f"bench_llama_cpp.py {gguf_file} 8 2")
+    (run,) = report["runs"]
+    assert run["weight_bytes_per_token"] == bench.gguf_bytes_per_token(gguf_file)
+    roofline = report["read_gb_s_by_repeat"][0] * 1e9 / run["weight_bytes_per_token"]
+    assert run["decode_of_roofline"] == round(40.0 / roofline, 3)
+    assert "llama.cpp:tiny" in capsys.readouterr().out
