@@ -28,7 +28,8 @@ from refqwen.model.hooks import UNTRACED
 try:
     from numba import njit, prange
 
-    from refqwen.backends.float_tiles import COLS, LANES, MT, float_from_bits, tile_add, tile_store, vector_max
+    from refqwen.backends.float_tiles import COLS, LANES, MT, tile_add, tile_store, vector_max
+    from refqwen.backends.numba_math import exp_nonpositive
 except ImportError:  # the backends that use this module report numba as unavailable
     njit = None
 
@@ -194,29 +195,10 @@ if njit is not None:
 
     @njit(fastmath=FAST, cache=True)
     def _exp_shifted(x, shift):
-        """x <- exp(x - shift) (all arguments <= 0); returns the sum.
-
-        Cephes' expf (within 1 ulp on [-87, 0]) written as plain arithmetic so that LLVM vectorizes
-        it, which a call to the libm exp prevents: exp(a) = 2^n e^r with n = round(a / ln 2), e^r a
-        degree-7 polynomial on |r| <= ln2 / 2, and 2^n built from its float32 exponent bits. Arguments
-        below -87 are taken as -87: a weight of 1.6e-38 (still a normal float: no slow subnormal
-        arithmetic later) instead of a smaller one, next to the row's largest weight, 1. The clamp is a
-        comparison, not `max()`, whose NaN handling keeps LLVM from vectorizing the loop (and the loop
-        runs from 0: an index that might be negative is wrapped around, which also stops vectorization).
-        """
+        """x <- exp(x - shift) (all arguments <= 0); returns the sum. The loop runs from 0: LLVM does not
+        vectorize a loop whose index might be negative (Numba wraps negative indices around)."""
         total = np.float32(0.0)
         for j in range(x.shape[0]):
-            a = x[j] - shift
-            a = a if a > np.float32(-87.0) else np.float32(-87.0)
-            n = np.floor(a * np.float32(1.44269504) + np.float32(0.5))
-            r = a - n * np.float32(0.693359375) - n * np.float32(-2.12194440e-4)
-            poly = np.float32(1.9875691500e-4)
-            poly = poly * r + np.float32(1.3981999507e-3)
-            poly = poly * r + np.float32(8.3334519073e-3)
-            poly = poly * r + np.float32(4.1665795894e-2)
-            poly = poly * r + np.float32(1.6666665459e-1)
-            poly = poly * r + np.float32(5.0000001201e-1)
-            two_n = float_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
-            x[j] = (poly * r * r + r + np.float32(1.0)) * two_n
+            x[j] = exp_nonpositive(x[j] - shift)
             total += x[j]
         return total

@@ -29,7 +29,7 @@ import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from refqwen import quant
-from refqwen.backends import numba_attention, vnni
+from refqwen.backends import numba_attention, numba_math, vnni
 from refqwen.errors import WeightsError
 from refqwen.model.ops import Backend
 from refqwen.quant import QUANTIZED, QuantizedInt4Weight, QuantizedWeight
@@ -85,9 +85,15 @@ class NumbaInt8Backend(Backend):
             vnni.matmul_w8a8(np.ones((5, 70), np.int8), np.ones((5, 3), np.float32), np.ones((2, 70), np.int8),
                              np.ones((2, 3), np.float32), "vnni")
         numba_attention.warm_up()
+        self.swiglu(np.ones((1, 2), np.float32), np.ones((1, 2), np.float32))
 
     def attention(self, q, keys, values, start, window):
         return numba_attention.attention(q, keys, values, start, window)  # parallel, bounded memory
+
+    def swiglu(self, gate, up):
+        out = np.empty(gate.shape, np.float32)
+        numba_math.swiglu(np.ascontiguousarray(gate, np.float32), np.ascontiguousarray(up, np.float32), out)
+        return out
 
     def dual_chunk_attention(self, q, keys, values, start, inv_freq, attention_factor, cfg, hook):
         return numba_attention.dual_chunk_attention(q, keys, values, start, inv_freq, attention_factor, cfg, hook)

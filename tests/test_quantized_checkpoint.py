@@ -13,6 +13,7 @@ from refqwen.checkpoint.open import open_checkpoint
 from refqwen.checkpoint.write_quantized import write_quantized_checkpoint
 from refqwen.model import Model
 from refqwen.model.attention import causal_attention
+from refqwen.model.mlp import swiglu
 
 BACKEND_OF = {"int8-g32": "numba-int8", "int8-channel": "numba-int8-channel", "int4-g32": "numba-int4",
               "int4-g128": "numba-int4"}
@@ -52,9 +53,10 @@ def test_round_trip_equals_quantizing_on_load(scheme, source, tmp_path, rng):
     for t in ids[:5]:  # decode path
         np.testing.assert_array_equal(loaded.forward([t], cache_a), on_load.forward([t], cache_b))
     reference = refqwen.load(out, progress=False)  # the reference dequantizes the same integers
-    # bit for bit once both attend the same way (the Numba attention kernel sums in another order; it is
-    # checked against the reference's attention in tests/test_backends.py)
-    loaded.ops.attention = causal_attention
+    # bit for bit once both attend and gate the same way (the Numba attention kernel sums in another order,
+    # its SwiGLU computes exp by its own polynomial; both are checked against the reference in
+    # tests/test_backends.py)
+    loaded.ops.attention, loaded.ops.swiglu = causal_attention, swiglu
     np.testing.assert_array_equal(reference.forward(ids), loaded.forward(ids))
 
 
