@@ -24,8 +24,9 @@ def measure(path: str, prompt_tokens: int, decode_tokens: int) -> dict:
     from llama_cpp import Llama
 
     t0 = time.perf_counter()
-    llm = Llama(model_path=path, n_ctx=prompt_tokens + decode_tokens + 16, n_batch=max(prompt_tokens, 1),
-                n_threads=os.cpu_count(), n_threads_batch=os.cpu_count(), verbose=False)
+    n_ctx = prompt_tokens + decode_tokens + 16
+    llm = Llama(model_path=path, n_ctx=n_ctx, n_batch=n_ctx, n_threads=os.cpu_count(),
+                n_threads_batch=os.cpu_count(), verbose=False)
     load_s = time.perf_counter() - t0
     ids = np.random.default_rng(0).integers(1000, 30000, prompt_tokens).tolist()
     t0 = time.perf_counter()
@@ -34,7 +35,7 @@ def measure(path: str, prompt_tokens: int, decode_tokens: int) -> dict:
     steps_ms = []
     for _ in range(decode_tokens):
         t0 = time.perf_counter()
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = int(np.argmax(last_logits(llm)))
         llm.eval([token])
         steps_ms.append((time.perf_counter() - t0) * 1e3)
     name = os.path.basename(path).removesuffix(".gguf")
@@ -45,6 +46,11 @@ def measure(path: str, prompt_tokens: int, decode_tokens: int) -> dict:
                 later_step_ms_median=round(float(np.median(steps_ms[FIRST_STEPS:] or steps_ms)), 1),
                 weight_bytes_per_token=None,  # the parent reads it from the file's tensor table
                 peak_rss_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3))
+
+
+def last_logits(llm) -> np.ndarray:
+    """The logits of the last evaluated token (llama-cpp-python keeps no copy without logits_all)."""
+    return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))
 
 
 if __name__ == "__main__":
