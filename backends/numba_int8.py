@@ -15,9 +15,10 @@ load. numba-w8a8 runs int8-g32 weights only.
 Decode (one token) is a parallel GEMV that streams each int8 row once: it is memory-bound,
 and int8 reads a quarter of float32's bytes. Projections that read the same input (q/k/v,
 gate/up) are joined into one matrix at load time and decode as one GEMV (FusedProjections).
-Prefill (many tokens) dequantizes row tiles of the weight into float32 and hands them to BLAS;
-numba-w8a8 on a CPU with AVX-512 VNNI multiplies int8 by int8 in register tiles instead
-(backends/vnni.py; REFQWEN_INT8_PATH forces a path). The embedding is stored the same way and
+Prefill (many tokens) dequantizes panels of 16 weight rows into float32 and runs float32 register
+tiles over the tokens in Numba's thread pool (backends/numba_gemm.py: no BLAS, so no second pool
+left spinning when decode starts); numba-w8a8 on a CPU with AVX-512 VNNI multiplies int8 by int8
+in register tiles instead (backends/vnni.py; REFQWEN_INT8_PATH forces a path). The embedding is stored the same way and
 dequantized row by row on lookup. Attention over the cache is a parallel Numba kernel
 (backends/numba_attention.py); norms, rotary and the MoE router stay in float32 (the reference's
 code). docs/backends.md describes each kernel and its measured speed.
@@ -29,7 +30,7 @@ import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from refqwen import quant
-from refqwen.backends import numba_attention, numba_math, vnni
+from refqwen.backends import numba_attention, numba_gemm, numba_math, vnni
 from refqwen.errors import WeightsError
 from refqwen.model.ops import Backend
 from refqwen.quant import QUANTIZED, QuantizedInt4Weight, QuantizedWeight
@@ -40,8 +41,7 @@ try:
 except ImportError:  # reported by unavailable_reason()
     numba = None
 
-GEMV_MAX_TOKENS = 4  # up to this many tokens, GEMV per token; above, dequantized tiles into BLAS
-TILE_ROWS = 2048  # weight rows dequantized per BLAS call in prefill (2048 x 4864 floats = 40 MB at most)
+GEMV_MAX_TOKENS = 4  # up to this many tokens, GEMV per token; above, register tiles (backends/numba_gemm.py)
 
 
 _BLAS = []  # the ThreadpoolController, made on first use (it inspects the loaded libraries)
@@ -85,6 +85,8 @@ class NumbaInt8Backend(Backend):
             vnni.matmul_w8a8(np.ones((5, 70), np.int8), np.ones((5, 3), np.float32), np.ones((2, 70), np.int8),
                              np.ones((2, 3), np.float32), "vnni")
         numba_attention.warm_up()
+        for scheme in ("int8-g32", "int8-channel", "int4-g32"):
+            numba_gemm.matmul(np.ones((7, 32), np.float32), quant.quantize_scheme(np.ones((3, 32), np.float32), scheme))
         self.swiglu(np.ones((1, 2), np.float32), np.ones((1, 2), np.float32))
 
     def attention(self, q, keys, values, start, window):
@@ -134,25 +136,14 @@ class NumbaInt8Backend(Backend):
         elif self.uses_vnni(weight):  # int8 x int8 register tiles, exact int32 group sums
             y = vnni.linear_w8a8(x, weight, "vnni")
         else:
-            if self.quantize_activations:  # same products as the int32 kernel, summed by BLAS in float32
+            if self.quantize_activations:  # same products as the int32 kernel, summed in float32
                 x = quant.dequantize(*quant.quantize_activations(x))
-            y = self._blas_tiles(x, weight)
+            y = numba_gemm.matmul(x, weight)  # in Numba's pool, as decode: no BLAS threads left spinning
         return self._add(y, bias)
 
     @staticmethod
     def _add(y, bias):
         return y if bias is None else y + bias
-
-    def _blas_tiles(self, x, weight) -> np.ndarray:
-        """x [T, I] @ dequantized row tiles of the weight -> [T, O], each tile one multi-threaded BLAS call.
-        (Splitting the tiles among our own threads with single-threaded BLAS would keep OpenBLAS's workers
-        from spinning after the prefill, but changes the float32 sums: the reference computes x @ Wᵀ in one
-        call, and a checkpoint's integers must give its exact logits here, tests/test_quantized_checkpoint.py.)"""
-        y = np.empty((x.shape[0], weight.shape[0]), np.float32)
-        for r0 in range(0, weight.shape[0], TILE_ROWS):
-            r1 = min(r0 + TILE_ROWS, weight.shape[0])
-            y[:, r0:r1] = x @ weight.rows(r0, r1).T
-        return y
 
     def uses_vnni(self, weight) -> bool:
         """Whether prefill of this weight runs the VNNI GEMM: only where activations are int8 anyway

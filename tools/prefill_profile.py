@@ -1,0 +1,53 @@
+"""Where a prefill's time goes: each backend operation the model calls, timed around the call.
+
+    python tools/prefill_profile.py --tokens 4096 --backend numba-int8
+
+Loads the demo model (or --model), wraps `model.ops.<operation>` with a timer, prefills random ids and
+prints the seconds per operation; "other" is the Python around them.
+"""
+
+import argparse
+import collections
+import time
+
+import numpy as np
+
+OPERATIONS = ("embed", "linear", "rms_norm", "apply_rotary", "attention", "dual_chunk_attention", "swiglu",
+              "moe_dispatch")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="demo")
+    p.add_argument("--backend", default="numba-int8")
+    p.add_argument("--tokens", type=int, default=4096)
+    args = p.parse_args()
+
+    import refqwen
+
+    model = refqwen.load(args.model, backend=args.backend, progress=False)
+    seconds = collections.defaultdict(float)
+    for name in OPERATIONS:
+        setattr(model.ops, name, timed(getattr(model.ops, name), name, seconds))
+    ids = np.random.default_rng(0).integers(1000, 30000, args.tokens)
+    began = time.perf_counter()
+    model.logits(ids, model.new_cache(), last_only=True)
+    total = time.perf_counter() - began
+    print(f"{args.backend}, {args.tokens} tokens: {total:.1f} s ({args.tokens / total:.0f} tok/s)")
+    for name, s in sorted(seconds.items(), key=lambda item: -item[1]):
+        print(f"  {name:<22}{s:8.1f} s")
+    print(f"  {'other':<22}{total - sum(seconds.values()):8.1f} s")
+
+
+def timed(operation, name, seconds):
+    def run(*args, **kwargs):
+        began = time.perf_counter()
+        result = operation(*args, **kwargs)
+        seconds[name] += time.perf_counter() - began
+        return result
+
+    return run
+
+
+if __name__ == "__main__":
+    main()
