@@ -91,14 +91,18 @@ if njit is not None:
                     for c in range(min(COLS, O - first)):
                         y[t + r, first + c] = out[r, c]
 
+    @njit(cache=True)
+    def _task_panels(task, O, I):
+        """The weight rows o0 .. of a task and room for their panels: (o0, n_panels, panels [n_panels, I, COLS])."""
+        o0 = task * COLS * PANELS
+        n_panels = (min(COLS * PANELS, O - o0) + COLS - 1) // COLS
+        return o0, n_panels, np.empty((n_panels, I, COLS), np.float32)
+
     @njit(parallel=True, cache=True)
     def _matmul_int8(x, q, scales, group, y):
         O, I = q.shape
-        width = COLS * PANELS
-        for task in prange((O + width - 1) // width):
-            o0 = task * width
-            n_panels = (min(width, O - o0) + COLS - 1) // COLS
-            panels = np.empty((n_panels, I, COLS), np.float32)
+        for task in prange((O + COLS * PANELS - 1) // (COLS * PANELS)):
+            o0, n_panels, panels = _task_panels(task, O, I)
             for p in range(n_panels):
                 _pack_int8(q, scales, group, o0 + p * COLS, min(COLS, O - o0 - p * COLS), panels[p])
             _run_tiles(x, panels, n_panels, o0, O, y)
@@ -106,11 +110,8 @@ if njit is not None:
     @njit(parallel=True, cache=True)
     def _matmul_int4(x, packed, scales, zeros, group, y):
         O, I = packed.shape[0], packed.shape[1] * 2
-        width = COLS * PANELS
-        for task in prange((O + width - 1) // width):
-            o0 = task * width
-            n_panels = (min(width, O - o0) + COLS - 1) // COLS
-            panels = np.empty((n_panels, I, COLS), np.float32)
+        for task in prange((O + COLS * PANELS - 1) // (COLS * PANELS)):
+            o0, n_panels, panels = _task_panels(task, O, I)
             for p in range(n_panels):
                 _pack_int4(packed, scales, zeros, group, o0 + p * COLS, min(COLS, O - o0 - p * COLS), panels[p])
             _run_tiles(x, panels, n_panels, o0, O, y)
