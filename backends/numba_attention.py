@@ -65,9 +65,9 @@ def dual_chunk_attention(q, keys, values, start: int, inv_freq, attention_factor
     T, D = q.shape[0], q.shape[2]
     positions = np.arange(start, start + T)
     scale = dca.length_temperature(keys.shape[0], cfg) ** 2 / math.sqrt(D)
-    outs, lses = [], []
+    ranges, outs, lses = dca.group_ranges(positions, cfg), [], []
     for name, rotate_by in dca.query_positions(positions, cfg).items():
-        lo, hi = dca.group_ranges(positions, cfg)[name]
+        lo, hi = ranges[name]
         out, lse = attend_ranges(dca.rotate_queries(q, rotate_by, inv_freq, attention_factor), keys, values,
                                  lo, hi, scale)
         outs.append(hook(f"dca_{name}", out))

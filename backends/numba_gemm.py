@@ -18,7 +18,7 @@ import numpy as np
 try:
     from numba import njit, prange
 
-    from refqwen.backends.float_tiles import COLS, MT, make_tile
+    from refqwen.backends.float_tiles import COLS, MT, NV, make_tile, tile_store
 except ImportError:  # the backends that use this module report numba as unavailable
     njit = None
 
@@ -29,7 +29,7 @@ FAST = {"reassoc", "contract"}
 def matmul(x, weight) -> np.ndarray:
     """x [T, I] float32 @ the dequantized weight's rows, transposed -> [T, O]; weight a QuantizedWeight
     (int8, per channel or per group of 32) or a QuantizedInt4Weight."""
-    from refqwen.quant import QuantizedInt4Weight
+    from refqwen.quant import GROUP, QuantizedInt4Weight
 
     x = np.ascontiguousarray(x, np.float32)
     if isinstance(weight, QuantizedInt4Weight):
@@ -38,13 +38,12 @@ def matmul(x, weight) -> np.ndarray:
         return y
     y = np.empty((x.shape[0], weight.q.shape[0]), np.float32)
     scales = weight.scales if weight.scales.ndim == 2 else weight.scales[:, None]  # per channel: one "group"
-    _matmul_int8(x, weight.q, scales, weight.q.shape[1] if weight.scales.ndim == 1 else 32, y)
+    _matmul_int8(x, weight.q, scales, weight.q.shape[1] if weight.scales.ndim == 1 else GROUP, y)
     return y
 
 
 if njit is not None:
-    tile_rows = make_tile(MT, COLS // 8, accumulate=False)
-    tile_row = make_tile(1, COLS // 8, accumulate=False)
+    tile_row = make_tile(1, NV, accumulate=False)  # the last tokens, when fewer than MT are left
 
     @njit(fastmath=FAST, cache=True)
     def _pack_int8(q, scales, group, o0, n, panel):
@@ -81,7 +80,7 @@ if njit is not None:
             for p in range(n_panels):
                 panel = panels[p]
                 if rows == MT:
-                    tile_rows(x[t:].ctypes.data, I * 4, panel.ctypes.data, COLS * 4, out.ctypes.data, COLS * 4, I)
+                    tile_store(x[t:].ctypes.data, I * 4, panel.ctypes.data, COLS * 4, out.ctypes.data, COLS * 4, I)
                 else:  # the last tokens, one by one
                     for r in range(rows):
                         tile_row(x[t + r:].ctypes.data, I * 4, panel.ctypes.data, COLS * 4, out[r:].ctypes.data,

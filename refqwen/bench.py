@@ -215,8 +215,11 @@ def llama_cpp_engines(files: list[str], python: str | None) -> dict:
     from refqwen.errors import RefqwenError
 
     python = python or sys.executable
-    found = subprocess.run([python, "-c", "import llama_cpp"], capture_output=True, text=True)
-    if found.returncode != 0:
+    try:
+        found = subprocess.run([python, "-c", "import llama_cpp"], capture_output=True, text=True).returncode == 0
+    except OSError as e:  # not a program
+        raise RefqwenError(f"--llama-cpp-python {python}: cannot run it ({e.strerror})") from None
+    if not found:
         raise RefqwenError(f"--llama-cpp: {python} cannot import llama_cpp; build llama-cpp-python into a "
                            "benchmark-only environment and pass its interpreter as --llama-cpp-python")
     engines = {}

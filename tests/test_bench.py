@@ -62,6 +62,8 @@ def test_llama_cpp_needs_an_interpreter_that_has_it(tmp_path):
     python.chmod(0o755)
     with pytest.raises(RefqwenError, match="cannot import llama_cpp.*--llama-cpp-python"):
         bench.llama_cpp_engines(["tests/fuzz/corpus/gguf/tiny.gguf"], str(python))
+    with pytest.raises(RefqwenError, match="--llama-cpp-python .*missing: cannot run it"):
+        bench.llama_cpp_engines(["tests/fuzz/corpus/gguf/tiny.gguf"], str(tmp_path / "missing"))
 
 
 def test_llama_cpp_runs_beside_refqwen_with_ratios_and_roofline(tmp_path, capsys):
