@@ -14,7 +14,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from refqwen.checkpoint.gguf_header import check_gguf_header
+from refqwen.checkpoint import gguf_header
 from refqwen.checkpoint.weights import LazyWeights, check_finite, check_shapes
 from refqwen.errors import RefqwenError, WeightsError
 from refqwen.model.config import LIMITS, Config
@@ -44,25 +44,15 @@ GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.w
 ROWS_PER_CHUNK = 8192  # dequantize this many rows at a time to bound temporary memory
 
 
-def open_gguf(path) -> gguf.GGUFReader:
-    """The `gguf` package's reader, on a file whose header has been checked against its size first."""
-    path = Path(path)
+def open_gguf(path) -> gguf_header.GGUFHeader:
+    """The key/values and tensor table of a GGUF file, read by a walk that checks every count it declares
+    against the file first (refqwen/checkpoint/gguf_header.py)."""
     try:
-        check_gguf_header(path)
-    except RefqwenError as e:
+        return gguf_header.read_gguf_header(Path(path))
+    except WeightsError:
+        raise
+    except RefqwenError as e:  # not a regular file, ...
         raise WeightsError(str(e)) from None
-    try:
-        return gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises ValueError, IndexError, ... on damaged files
-        raise WeightsError(f"{path}: not a readable GGUF file (truncated or corrupt?): {e}") from None
-
-
-def gguf_metadata(reader: gguf.GGUFReader, source="GGUF file") -> dict:
-    """The header's key/value pairs as plain Python values."""
-    try:
-        return {k: f.contents() for k, f in reader.fields.items()}
-    except (UnicodeDecodeError, ValueError) as e:
-        raise WeightsError(f"{source}: unreadable GGUF metadata ({e})") from None
 
 
 def load_gguf(path) -> tuple[Config, LazyWeights, Tokenizer | None]:
@@ -87,13 +77,10 @@ class TensorInfo:
 
 
 def read_gguf_header(path) -> tuple[Config, list[TensorInfo], dict]:
-    """The Config, where each tensor lies, and all key/values. The reader is dropped afterwards: it holds every
-    tokenizer string as a Python object (~0.5 GB for Qwen2's vocabulary)."""
-    reader = open_gguf(path)
-    tensors = [TensorInfo(t.name, t.tensor_type, tuple(int(d) for d in reversed(t.shape)), int(t.data_offset),
-                          int(t.n_bytes)) for t in reader.tensors]
-    meta = gguf_metadata(reader, str(path))
-    del reader
+    """The Config, where each tensor lies, and all key/values (read and checked by gguf_header)."""
+    header = open_gguf(path)
+    tensors = [TensorInfo(t.name, t.qtype, tuple(reversed(t.dims)), t.offset, t.n_bytes) for t in header.tensors]
+    meta = header.meta
     by_name = {t.name: t for t in tensors}
     if "token_embd.weight" not in by_name:
         raise WeightsError(f"{path}: missing tensor token_embd.weight")

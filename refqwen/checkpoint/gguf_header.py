@@ -1,10 +1,12 @@
-"""Check a GGUF file's header against its real size before the `gguf` package reads it.
+"""Read a GGUF file's header, checking it against the file's real size as it goes.
 
 `gguf.GGUFReader` trusts every count the header declares: a 49-byte file claiming a 2^40-element
 array makes it loop and allocate without end. This walk reads the same layout with `struct`, checks
 each declared count and length against the bytes that remain and against the limits below, and
-validates every string as UTF-8, so the reader only ever sees a header it can parse in bounded time
-and memory. Layout (little-endian; https://github.com/ggml-org/ggml/blob/master/docs/gguf.md):
+validates every string as UTF-8, so a header is parsed in bounded time and memory. It returns the
+key/values and the tensor table itself: the load path needs nothing else from the header, and the
+reader, which makes a NumPy memmap view per item, took ~22 s over Qwen2's 300,000 vocabulary and merge
+strings against ~2 s here. Layout (little-endian; https://github.com/ggml-org/ggml/blob/master/docs/gguf.md):
 
     magic "GGUF", version u32, tensor_count u64, kv_count u64,
     kv_count x (key: string, value_type u32, value),
@@ -15,9 +17,11 @@ and memory. Layout (little-endian; https://github.com/ggml-org/ggml/blob/master/
 
 import mmap
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
+import numpy as np
 
 from refqwen.errors import WeightsError
 from refqwen.files import check_regular_file
@@ -28,8 +32,26 @@ MAX_STRING_ARRAY = 1 << 22  # strings in one array; Qwen2's vocabulary and merge
 MAX_STRING_BYTES = 64 * 1024 ** 2  # one string; the longest real ones are chat templates (KB)
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_ALIGNMENT = 1 << 16
-SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType -> bytes
+SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8",
+           12: "<f8"}  # GGUFValueType -> NumPy dtype
+SCALAR_SIZES = {kind: np.dtype(code).itemsize for kind, code in SCALARS.items()}
 STRING, ARRAY = 8, 9
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    name: str
+    dims: tuple[int, ...]  # ggml order, innermost first
+    qtype: gguf.GGMLQuantizationType
+    offset: int  # absolute byte offset of the data in the file
+    n_bytes: int
+
+
+@dataclass(frozen=True)
+class GGUFHeader:
+    meta: dict  # key -> Python value: int, float, bool, str, or a list of them
+    types: dict  # key -> (GGUFValueType, item GGUFValueType for an array, else None)
+    tensors: list  # GGUFTensor, in the file's order
 
 
 class _Walk:
@@ -60,43 +82,54 @@ class _Walk:
         except UnicodeDecodeError:
             self.fail(f"{what} is not UTF-8")
 
-    def value(self, kind: int, key: str, nested: bool = False):
-        if kind in SCALAR_SIZES:
-            self.pos += SCALAR_SIZES[kind]
-            if self.pos > len(self.data):
-                self.fail("truncated")
-            return None
+    def value(self, kind: int, key: str):
+        """(the value of `key` as a Python value, an array as a list; an array's item type, else None)"""
+        if kind in SCALARS:
+            return self.scalars(kind, 1)[0], None
         if kind == STRING:
-            return self.string(f"the value of {key}")
-        if kind != ARRAY or nested:
-            self.fail(f"key {key} has value type {kind}, which GGUF does not define"
-                      if kind != ARRAY else f"key {key} nests arrays, which no Qwen2 GGUF does")
+            return self.string(f"the value of {key}"), None
+        if kind != ARRAY:
+            self.fail(f"key {key} has value type {kind}, which GGUF does not define")
         item, count = self.take("<I"), self.take("<Q")
+        if item == ARRAY:
+            self.fail(f"key {key} nests arrays, which no Qwen2 GGUF does")
+        if item not in SCALARS and item != STRING:
+            self.fail(f"key {key}[0] has value type {item}, which GGUF does not define")
         smallest = SCALAR_SIZES.get(item, 8)  # a string item is at least its 8-byte length
         if count * smallest > len(self.data) - self.pos:
             self.fail(f"key {key} declares an array of {count} items, more than the file holds")
-        if item in SCALAR_SIZES:
-            self.pos += count * SCALAR_SIZES[item]
-            return None
+        if item in SCALARS:
+            return self.scalars(item, count), item
         if count > MAX_STRING_ARRAY:
             self.fail(f"key {key} declares {count} strings, above the limit of {MAX_STRING_ARRAY}")
-        for i in range(count):
-            self.value(item, f"{key}[{i}]", nested=True)
-        return None
+        return [self.string(f"the value of {key}[{i}]") for i in range(count)], item
+
+    def scalars(self, kind: int, count: int) -> list:
+        size = count * SCALAR_SIZES[kind]
+        if self.pos + size > len(self.data):
+            self.fail("truncated")
+        values = np.frombuffer(self.data, SCALARS[kind], count, self.pos).tolist()
+        self.pos += size
+        return values
 
 
-def check_gguf_header(path) -> None:
-    """Raise WeightsError unless the header of the GGUF file at `path` is complete and within limits,
-    and every tensor it declares lies inside the file."""
+def read_gguf_header(path) -> GGUFHeader:
+    """The header of the GGUF file at `path`; WeightsError unless it is complete and within limits and
+    every tensor it declares lies inside the file."""
     path = check_regular_file(path, "GGUF file")
     with open(path, "rb") as f:
         if Path(path).stat().st_size == 0:
             raise WeightsError(f"{path}: not a readable GGUF file: the file is empty")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            _check(_Walk(data, path))
+            return _read(_Walk(data, path))
 
 
-def _check(w: _Walk) -> None:
+def check_gguf_header(path) -> None:
+    """Raise WeightsError unless the header is readable (before another reader trusts its counts)."""
+    read_gguf_header(path)
+
+
+def _read(w: _Walk) -> GGUFHeader:
     if w.data[:4] != b"GGUF":
         w.fail("no GGUF magic")
     w.pos = 4
@@ -107,36 +140,38 @@ def _check(w: _Walk) -> None:
     if n_tensors > MAX_TENSORS or n_keys > MAX_KEYS:
         w.fail(f"declares {n_tensors} tensors and {n_keys} keys (limits {MAX_TENSORS} and {MAX_KEYS})")
     alignment = gguf.GGUF_DEFAULT_ALIGNMENT
+    meta, types = {}, {}
     for _ in range(n_keys):
         key = w.string("a key name")
         kind = w.take("<I")
-        start = w.pos
-        w.value(kind, key)
+        meta[key], item = w.value(kind, key)
+        types[key] = (gguf.GGUFValueType(kind), None if item is None else gguf.GGUFValueType(item))
         if key == gguf.Keys.General.ALIGNMENT:
-            alignment = _alignment(w, kind, start)
+            alignment = _alignment(w, kind, meta[key])
     tensors = [_tensor_info(w) for _ in range(n_tensors)]
     data_start = -(-w.pos // alignment) * alignment
     names = set()
-    for name, n_bytes, offset in tensors:
-        if name in names:
-            w.fail(f"tensor {name} is declared twice")
-        names.add(name)
-        if data_start + offset + n_bytes > len(w.data):
-            raise WeightsError(f"{w.path}: truncated GGUF file: tensor {name} ends at byte "
-                               f"{data_start + offset + n_bytes}, file has {len(w.data)}")
+    for i, t in enumerate(tensors):
+        if t.name in names:
+            w.fail(f"tensor {t.name} is declared twice")
+        names.add(t.name)
+        if data_start + t.offset + t.n_bytes > len(w.data):
+            raise WeightsError(f"{w.path}: truncated GGUF file: tensor {t.name} ends at byte "
+                               f"{data_start + t.offset + t.n_bytes}, file has {len(w.data)}")
+        tensors[i] = GGUFTensor(t.name, t.dims, t.qtype, data_start + t.offset, t.n_bytes)
+    return GGUFHeader(meta, types, tensors)
 
 
-def _alignment(w: _Walk, kind: int, start: int) -> int:
+def _alignment(w: _Walk, kind: int, value) -> int:
     if kind != 4:  # UINT32
         w.fail("general.alignment is not a uint32")
-    (value,) = struct.unpack_from("<I", w.data, start)
     if not 0 < value <= MAX_ALIGNMENT or value & (value - 1):
         w.fail(f"general.alignment {value} is not a power of two up to {MAX_ALIGNMENT}")
     return value
 
 
-def _tensor_info(w: _Walk) -> tuple[str, int, int]:
-    """(name, bytes of data, offset from the start of the data section) of one tensor."""
+def _tensor_info(w: _Walk) -> GGUFTensor:
+    """One tensor's entry (its offset still relative to the start of the data section)."""
     name = w.string("a tensor name")
     n_dims = w.take("<I")
     if not 0 < n_dims <= MAX_DIMS:
@@ -144,7 +179,8 @@ def _tensor_info(w: _Walk) -> tuple[str, int, int]:
     dims = [w.take("<Q") for _ in range(n_dims)]
     kind, offset = w.take("<I"), w.take("<Q")
     try:
-        block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
+        qtype = gguf.GGMLQuantizationType(kind)
+        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
     except (ValueError, KeyError):
         w.fail(f"tensor {name} has unknown type {kind}")
     if 0 in dims or dims[0] % block:
@@ -156,4 +192,4 @@ def _tensor_info(w: _Walk) -> tuple[str, int, int]:
     if n_bytes > len(w.data) or offset > len(w.data):
         raise WeightsError(f"{w.path}: truncated GGUF file: tensor {name} declares {n_bytes} bytes at offset "
                            f"{offset}, file has {len(w.data)}")
-    return name, n_bytes, offset
+    return GGUFTensor(name, tuple(dims), qtype, offset, n_bytes)

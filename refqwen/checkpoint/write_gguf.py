@@ -134,11 +134,11 @@ def add_hparams(writer: gguf.GGUFWriter, cfg) -> None:
 def add_tokenizer(writer: gguf.GGUFWriter, path: Path, tokenizer, vocab_size: int) -> None:
     """The source's tokenizer.* keys: copied from a GGUF source, rebuilt from a tokenizer.json folder."""
     if path.suffix == ".gguf":
-        reader = open_gguf(path)
-        for key, field in reader.fields.items():
+        header = open_gguf(path)
+        for key, value in header.meta.items():
             if key.startswith("tokenizer."):
-                sub = field.types[1] if len(field.types) > 1 else None
-                writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
+                kind, item = header.types[key]
+                writer.add_key_value(key, value, kind, sub_type=item)
         return
     if tokenizer is None:
         return
