@@ -17,6 +17,7 @@ REGISTRY = {
     "numba-int8-channel": "refqwen.backends.numba_int8:NumbaInt8ChannelBackend",
     "numba-int4": "refqwen.backends.numba_int8:NumbaInt4Backend",
     "numba-w8a8": "refqwen.backends.numba_int8:NumbaW8A8Backend",
+    "numba-w4a8": "refqwen.backends.numba_int8:NumbaW4A8Backend",
     "cupy": "refqwen.backends.cupy_gpu:CupyBackend",
     "cupy-int8-channel": "refqwen.backends.cupy_gpu:CupyInt8ChannelBackend",
     "cupy-f16": "refqwen.backends.cupy_gpu:CupyF16Backend",

@@ -23,7 +23,7 @@ def logits_and_calls(name, cfg, w, fuse):
     return np.concatenate(steps), len(calls)
 
 
-@pytest.mark.parametrize("name", ["numba-int8", "numba-int8-channel", "numba-int4", "numba-w8a8"])
+@pytest.mark.parametrize("name", ["numba-int8", "numba-int8-channel", "numba-int4", "numba-w8a8", "numba-w4a8"])
 def test_fused_decode_matches_separate_projections(name):
     cfg = tiny_config("dense-untied")
     w = random_weights(cfg)

@@ -132,10 +132,12 @@ def test_truncated_source_is_refused(source, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
 
 
-def test_int4_checkpoint_refused_by_w8a8(source, tmp_path):
-    out = write_quantized_checkpoint(source, tmp_path / "q", "int4-g128", progress=False)
-    with pytest.raises(WeightsError, match=r"embed_tokens.weight is int4-g128; backend numba-w8a8 runs int8-g32"):
-        refqwen.load(out, backend="numba-w8a8", progress=False)
+@pytest.mark.parametrize("scheme, backend, runs", [("int4-g128", "numba-w8a8", "int8-g32"),
+                                                   ("int8-channel", "numba-w4a8", "int4-g32, int4-g128, int8-g32")])
+def test_checkpoint_of_another_scheme_refused(source, tmp_path, scheme, backend, runs):
+    out = write_quantized_checkpoint(source, tmp_path / "q", scheme, progress=False)
+    with pytest.raises(WeightsError, match=rf"embed_tokens.weight is {scheme}; backend {backend} runs {runs}"):
+        refqwen.load(out, backend=backend, progress=False)
 
 
 @pytest.fixture(params=["int8-g32", "int4-g32"])

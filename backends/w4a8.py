@@ -1,0 +1,242 @@
+"""int4 weights times int8 activations, one token at a time: the decode GEMV of numba-w4a8.
+
+    y[o] = sum over groups g of  ws[o, g] * sum_{j in g} (q[o, j] - z[o, g]) * xs[a(j)] * xq[j]
+
+with weights q 0..15 packed two per byte, scales ws and zero points z per row and group of 32 or 128
+(refqwen/quant.py, int4-g32 / int4-g128), and activations xq int8 with scales xs per group a(j) of 32
+(quant.quantize_activations). Split as
+
+    y[o] = sum_g ws[o, g] xs[g] D[o, g]  -  sum_g ws[o, g] z[o, g] X[g]
+
+where D is the exact int32 dot product of the nibbles with the activations over a group and X[g] is the sum
+of the dequantized activations over the weight group (computed once per token): the zero points never enter
+the inner loop.
+
+Why int8 activations: with float32 activations every weight costs an unpack, a conversion, a subtraction and
+a multiply-add, about 0.7 vector instructions per weight, so the old numba-int4 GEMV was bound by arithmetic at
+about half numba-int8's speed although it reads half the bytes. Here one step covers 64 weights (32 packed
+bytes, two groups of 32 activations) with about 15 instructions: mask and shift out the two nibble vectors,
+`vpmaddubsw` each against 32 activations (unsigned nibble x signed byte, adjacent products summed into int16:
+at most 2 x 15 x 127 per lane, so never saturated, and the two sums added still fit), `vpmaddwd` by ones
+into 8 int32 lanes of four columns each (4 lanes per group of 32), convert, and one multiply-add by the lanes'
+scales ws[o, g] xs[g]. This is llama.cpp's Q4 x Q8 recipe; it leaves the GEMV bound by memory again.
+
+The same step in generic LLVM vector IR (widen to int16, multiply, add adjacent pairs; `instruction="generic"`)
+computes the same integers, hence bit for bit the same result, on any CPU; the AVX2 instructions are used only
+where `llvmlite.binding.get_host_cpu_features()` reports avx2 (LLVM could not even select them elsewhere).
+"""
+
+import functools
+import os
+
+import numpy as np
+
+from refqwen.errors import RefqwenError
+
+try:
+    import llvmlite.binding as llvm_binding
+    from llvmlite import ir
+    from numba import njit, prange, types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+except ImportError:  # the Numba backends report it (unavailable_reason)
+    njit = None
+
+INSTRUCTIONS = ("avx2", "generic")
+STEP_BYTES = 32  # packed bytes per step: 64 weights, two activation groups of 32
+
+
+def target_has_avx2() -> bool:
+    """Whether Numba compiles for a CPU with AVX2: this one, or the one NUMBA_CPU_NAME names (with the
+    features NUMBA_CPU_FEATURES lists), as for code cached to run on other machines."""
+    return _has_avx2(os.environ.get("NUMBA_CPU_NAME", "host"), os.environ.get("NUMBA_CPU_FEATURES", ""))
+
+
+@functools.cache  # asking LLVM for the host's features takes ~0.2 ms: too long for every GEMV
+def _has_avx2(cpu_name: str, cpu_features: str) -> bool:
+    if cpu_name != "host":
+        return "+avx2" in cpu_features.split(",")
+    return bool(llvm_binding.get_host_cpu_features().get("avx2"))
+
+
+def instruction() -> str:
+    """The instruction set the GEMV runs with here."""
+    return "avx2" if target_has_avx2() else "generic"
+
+
+if njit is not None:
+    I8x32, I16x16, I16x32 = ir.VectorType(ir.IntType(8), 32), ir.VectorType(ir.IntType(16), 16), \
+        ir.VectorType(ir.IntType(16), 32)
+    I32x8, I32x16, F32x2, F32x8 = ir.VectorType(ir.IntType(32), 8), ir.VectorType(ir.IntType(32), 16), \
+        ir.VectorType(ir.FloatType(), 2), ir.VectorType(ir.FloatType(), 8)
+    I64 = ir.IntType(64)
+
+    def _indices(values):
+        """A shufflevector mask."""
+        values = list(values)
+        return ir.Constant(ir.VectorType(ir.IntType(32), len(values)), values)
+
+    def _load(builder, base, offset, vtype, align=1):
+        return builder.load(builder.inttoptr(builder.add(base, offset), vtype.as_pointer()), align=align)
+
+    def _adjacent_sums(builder, v, n):
+        """[n x iK] -> [n/2 x iK]: v[0] + v[1], v[2] + v[3], ..."""
+        return builder.add(builder.shuffle_vector(v, v, _indices(range(0, n, 2))),
+                           builder.shuffle_vector(v, v, _indices(range(1, n, 2))))
+
+    def _pairs_generic(builder, u, s):
+        """u [32 x i8] unsigned, s [32 x i8] signed -> [16 x i16] sums of adjacent products."""
+        return _adjacent_sums(builder, builder.mul(builder.zext(u, I16x32), builder.sext(s, I16x32)), 32)
+
+    def _quads_generic(builder, p):
+        """[16 x i16] -> [8 x i32] sums of adjacent pairs."""
+        return _adjacent_sums(builder, builder.sext(p, I32x16), 16)
+
+    def _pairs_avx2(builder, u, s):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(I16x16, [I8x32, I8x32]),
+                                            "llvm.x86.avx2.pmadd.ub.sw")
+        return builder.call(fn, [u, s])
+
+    def _quads_avx2(builder, p):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(I32x8, [I16x16, I16x16]),
+                                            "llvm.x86.avx2.pmadd.wd")
+        return builder.call(fn, [p, ir.Constant(I16x16, [1] * 16)])
+
+    def _weight_scales(builder, ws, step, group):
+        """The weight scale of each of a step's 8 lanes: lanes 0-3 and 4-7 are the step's two groups of 32."""
+        if group == 32:
+            two = _load(builder, ws, builder.mul(step, ir.Constant(I64, 8)), F32x2, 4)  # ws[2 step], ws[2 step + 1]
+            return builder.shuffle_vector(two, two, _indices([0] * 4 + [1] * 4))
+        one = _load(builder, ws, builder.mul(builder.udiv(step, ir.Constant(I64, group // 64)), ir.Constant(I64, 4)),
+                    ir.FloatType(), 4)  # the step lies inside one group of 128
+        v = builder.insert_element(ir.Constant(F32x8, None), one, ir.Constant(ir.IntType(32), 0))
+        return builder.shuffle_vector(v, v, _indices([0] * 8))
+
+    def make_row_dot(pairs, quads, group: int):
+        """The intrinsic  sum_g ws[g] xs[g] D[g]  for one packed row (float32)."""
+
+        @intrinsic
+        def row_dot(typingctx, packed, ws, x_even, x_odd, xs, steps):
+            """Addresses of the row's packed bytes, its scales, the even and odd activations (int8) and their
+            scales; `steps` of 32 bytes."""
+            sig = types.float32(*([types.int64] * 6))
+
+            def codegen(context, builder, signature, args):
+                packed, ws, x_even, x_odd, xs, steps = args
+                acc = cgutils.alloca_once_value(builder, ir.Constant(F32x8, None))
+                nibble = ir.Constant(I8x32, [15] * 32)
+                with cgutils.for_range(builder, steps) as loop:
+                    offset = builder.mul(loop.index, ir.Constant(I64, STEP_BYTES))
+                    q = _load(builder, packed, offset, I8x32)
+                    low = builder.and_(q, nibble)  # even columns
+                    high = builder.and_(builder.lshr(q, ir.Constant(I8x32, [4] * 32)), nibble)  # odd columns
+                    p = builder.add(pairs(builder, low, _load(builder, x_even, offset, I8x32)),
+                                    pairs(builder, high, _load(builder, x_odd, offset, I8x32)))
+                    dots = builder.sitofp(quads(builder, p), F32x8)  # each lane: 8 columns of one group, exact
+                    two = _load(builder, xs, builder.mul(loop.index, ir.Constant(I64, 8)), F32x2, 4)
+                    scale = builder.fmul(_weight_scales(builder, ws, loop.index, group),
+                                         builder.shuffle_vector(two, two, _indices([0] * 4 + [1] * 4)))
+                    term = builder.fmul(dots, scale, flags=("contract",))
+                    builder.store(builder.fadd(builder.load(acc), term, flags=("contract",)), acc)
+                v, n = builder.load(acc), 8
+                while n > 1:  # the 8 lanes' sum, by halving
+                    n //= 2
+                    v = builder.fadd(builder.shuffle_vector(v, v, _indices(range(n))),
+                                     builder.shuffle_vector(v, v, _indices(range(n, 2 * n))))
+                return builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
+
+            return sig, codegen
+
+        return row_dot
+
+    def make_gemv(name, pairs, quads):
+        dot32, dot128 = make_row_dot(pairs, quads, 32), make_row_dot(pairs, quads, 128)
+
+        def gemv(packed, ws, zeros, group, x_even, x_odd, xs, x_sums, y):
+            """packed [O, I/2] uint8, ws [O, G] float32, zeros [O, G] uint8, x_even/x_odd [I/2] int8 (xq[0::2],
+            xq[1::2]), xs [I/32] float32, x_sums [G] (dequantized activations summed per weight group) -> y [O]"""
+            O, H = packed.shape
+            G = ws.shape[1]
+            steps = H // STEP_BYTES
+            for o in prange(O):
+                shift = np.float32(0)
+                for g in range(G):
+                    shift += ws[o, g] * np.float32(zeros[o, g]) * x_sums[g]
+                args = (packed[o].ctypes.data, ws[o].ctypes.data, x_even.ctypes.data, x_odd.ctypes.data,
+                        xs.ctypes.data, steps)
+                total = (dot32(*args) if group == 32 else dot128(*args)) - shift
+                if steps * STEP_BYTES < H:  # an odd number of groups of 32: the last one here
+                    exact = np.int32(0)
+                    for k in range(steps * STEP_BYTES, H):
+                        byte = np.int32(packed[o, k])
+                        exact += (byte & 15) * np.int32(x_even[k]) + (byte >> 4) * np.int32(x_odd[k])
+                    total += np.float32(exact) * (ws[o, G - 1] * xs[G - 1])
+                y[o] = total
+
+        gemv.__qualname__ = f"gemv_{name}"  # Numba's disk cache tells functions apart by name, not by closure
+        return njit(parallel=True, fastmath={"reassoc", "contract"}, cache=True)(gemv)
+
+    _GEMVS = {"avx2": make_gemv("avx2", _pairs_avx2, _quads_avx2),
+              "generic": make_gemv("generic", _pairs_generic, _quads_generic)}
+
+
+def _check(name: str, weight, I: int, xs_shape):
+    if name not in INSTRUCTIONS:
+        raise RefqwenError(f"unknown int4 instruction set {name!r}; expected one of {', '.join(INSTRUCTIONS)}")
+    if name == "avx2" and not target_has_avx2():
+        raise RefqwenError("the AVX2 int4 kernel needs a CPU with AVX2, not "
+                           f"{os.environ.get('NUMBA_CPU_NAME') or llvm_binding.get_host_cpu_name()}")
+    if weight.shape[1] != I or xs_shape != (I // 32,) or I % 32:
+        raise RefqwenError(f"w4a8.gemv: a weight of input {weight.shape[1]} and activations ({I},) with scales "
+                           f"{xs_shape} do not match (groups of 32 along the input)")
+
+
+def gemv(weight, xq: np.ndarray, xs: np.ndarray, name: str | None = None) -> np.ndarray:
+    """One token: an int4 weight (QuantizedInt4Weight) times activations xq [I] int8 with scales xs [I/32]
+    -> y [O] float32. `name` forces an instruction set (tests); by default the CPU's."""
+    name = name or instruction()
+    _check(name, weight, xq.shape[0], xs.shape)
+    xs = np.ascontiguousarray(xs, np.float32)
+    group_sums = xs * xq.reshape(-1, 32).sum(axis=1, dtype=np.int32)  # [I/32]: dequantized activations per group
+    x_sums = group_sums.reshape(-1, weight.group // 32).sum(axis=1, dtype=np.float32)  # [G]
+    return _run(name, weight, np.ascontiguousarray(xq[0::2]), np.ascontiguousarray(xq[1::2]), xs, x_sums)
+
+
+def _run(name, weight, x_even, x_odd, xs, x_sums):
+    y = np.empty(weight.shape[0], np.float32)
+    _GEMVS[name](weight.q_packed, weight.scales, weight.zeros, weight.group, x_even, x_odd, xs, x_sums, y)
+    return y
+
+
+def linear_one_token(x: np.ndarray, weight) -> np.ndarray:
+    """x [I] float32, quantized per group of 32 (as quant.quantize_activations, bit for bit), times an int4
+    weight -> [O]. The quantization runs in Numba: in NumPy it cost as much as the GEMV of a small matrix."""
+    I = x.shape[0]
+    name = instruction()
+    _check(name, weight, I, (I // 32,))
+    x_even, x_odd = np.empty(I // 2, np.int8), np.empty(I // 2, np.int8)
+    xs, x_sums = np.empty(I // 32, np.float32), np.empty(I // weight.group, np.float32)
+    quantize_token(np.ascontiguousarray(x, np.float32), weight.group, x_even, x_odd, xs, x_sums)
+    return _run(name, weight, x_even, x_odd, xs, x_sums)
+
+
+if njit is not None:
+
+    @njit(cache=True)
+    def quantize_token(x, group, x_even, x_odd, xs, x_sums):
+        """x [I] float32 -> int8 halves x_even, x_odd [I/2], scales xs [I/32] (max |x| / 127 per group of 32,
+        round half to even, as quant.quantize) and x_sums [I/group] (dequantized values summed per group)."""
+        x_sums[:] = 0
+        for a in range(x.shape[0] // 32):
+            chunk = x[32 * a:32 * a + 32]
+            s = np.float32(np.abs(chunk).max() / np.float32(127))
+            total = 0
+            for k in range(32):
+                v = np.int8(min(max(np.rint(chunk[k] / s), -127), 127)) if s > 0 else np.int8(0)
+                total += np.int32(v)
+                if k % 2 == 0:
+                    x_even[16 * a + k // 2] = v
+                else:
+                    x_odd[16 * a + k // 2] = v
+            xs[a] = s
+            x_sums[a * 32 // group] += s * np.float32(total)

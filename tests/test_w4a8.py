@@ -1,0 +1,135 @@
+"""The int4 x int8 decode GEMV of backends/w4a8.py against int64 NumPy, on every instruction set this CPU runs.
+
+Its group sums are exact integers, so with unit scales (and sums below 2^24) the float32 result is the int64
+result exactly, zero points included. With any scales: each lane's exact sum is multiplied by the rounded
+product of two scales and added to a float32 accumulator (at most I/64 + 8 roundings of the magnitude
+sum_j |ws xs q xq|); the zero-point term rounds the activations' group sums (5 roundings), its products (2) and
+its sum over the G groups (G), and one subtraction: within (I/64 + G + 16) * 2^-23 of all magnitudes.
+Subnormal scale products lose up to 2^-149 absolute per rounding. AVX2 and the generic IR compute the same
+integers in the same order: bit for bit equal.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_int8_kernels import EPS32, TINY, draw_int8, draw_scales
+
+from refqwen import quant
+from refqwen.backends import w4a8
+from refqwen.errors import RefqwenError
+
+INSTRUCTIONS = ["generic"] + (["avx2"] if w4a8.target_has_avx2() else [])
+
+
+def draw_weight(rng, O, I, group, values, scales):
+    """A QuantizedInt4Weight with nibbles q [O, I] drawn as `values` says, and the q it holds."""
+    if values == "extremes":
+        q = rng.choice(np.array([0, 15], np.uint8), (O, I))
+    else:
+        q = rng.integers(0, 16, (O, I), dtype=np.uint8)
+    G = I // group
+    zeros = rng.integers(0, 16, (O, G), dtype=np.uint8)
+    return quant.QuantizedInt4Weight(quant.pack_int4(q), draw_scales(rng, (O, G), scales), zeros, group), q
+
+
+def int64_reference(weight, q, xq, xs):
+    """(float64 result [O], sum of magnitudes [O]) from exact int64 sums per activation group of 32."""
+    O, I = q.shape
+    exact, magnitude = np.zeros(O), np.zeros(O)
+    for a in range(I // 32):
+        cols, g = slice(32 * a, 32 * a + 32), a * 32 // weight.group
+        scale = weight.scales[:, g].astype(np.float64) * np.float64(xs[a])  # [O]
+        centered = q[:, cols].astype(np.int64) - weight.zeros[:, g, None].astype(np.int64)  # [O, 32]
+        exact += (centered @ xq[cols].astype(np.int64)) * scale
+        x_abs = np.abs(xq[cols].astype(np.int64))
+        magnitude += (q[:, cols].astype(np.int64) @ x_abs + weight.zeros[:, g].astype(np.int64) * x_abs.sum()) \
+            * np.abs(scale)
+    return exact, magnitude
+
+
+@settings(max_examples=60, deadline=None)
+@given(O=st.integers(1, 37), G=st.integers(1, 9), group=st.sampled_from([32, 128]),
+       values=st.sampled_from(["random", "extremes", "min"]),
+       scales=st.sampled_from(["ones", "random", "zeros", "subnormal"]), seed=st.integers(0, 2**31))
+def test_w4a8_gemv_is_exact_per_group(O, G, group, values, scales, seed):
+    rng = np.random.default_rng(seed)
+    I = G * group  # G odd with groups of 32: the last group runs outside the vector loop
+    weight, q = draw_weight(rng, O, I, group, values, scales)
+    xq, xs = draw_int8(rng, I, values), draw_scales(rng, I // 32, scales)
+    exact, magnitude = int64_reference(weight, q, xq, xs)
+    results = {name: w4a8.gemv(weight, xq, xs, name) for name in INSTRUCTIONS}
+    for name, y in results.items():
+        assert y.shape == (O,) and y.dtype == np.float32
+        if scales == "ones":  # |each sum| <= 1152 * 15 * 128 < 2^24: every float32 step is exact
+            assert np.array_equal(y, exact), name
+        else:
+            bound = (I / 64 + G + 16) * EPS32 * magnitude + (I + G + 16) * 16 * 128 * TINY
+            assert np.all(np.abs(y - exact) <= bound), name
+    assert all(np.array_equal(y, results["generic"]) for y in results.values())
+
+
+def test_w4a8_refuses_bad_arguments():
+    weight = quant.quantize_scheme(np.ones((3, 64), np.float32), "int4-g32")
+    with pytest.raises(RefqwenError, match=r"w4a8.gemv: a weight of input 64 and activations \(32,\)"):
+        w4a8.gemv(weight, np.ones(32, np.int8), np.ones(1, np.float32))
+    with pytest.raises(RefqwenError, match="unknown int4 instruction set 'neon'; expected one of avx2, generic"):
+        w4a8.gemv(weight, np.ones(64, np.int8), np.ones(2, np.float32), "neon")
+
+
+def test_generic_kernel_on_a_cpu_without_avx2(tmp_path):
+    """Compiled for baseline x86-64 (SSE2) in a child process: the choice falls to the generic kernel, asking
+    for AVX2 is a clear error (never an instruction LLVM cannot select), and the result is still exact."""
+    script = textwrap.dedent("""
+        import numpy as np
+        from refqwen import quant
+        from refqwen.backends import w4a8
+        from refqwen.errors import RefqwenError
+        assert w4a8.instruction() == "generic"
+        rng = np.random.default_rng(0)
+        q = rng.integers(0, 16, (5, 96), dtype=np.uint8)
+        zeros = rng.integers(0, 16, (5, 3), dtype=np.uint8)
+        weight = quant.QuantizedInt4Weight(quant.pack_int4(q), np.ones((5, 3), np.float32), zeros, 32)
+        xq = rng.integers(-128, 128, 96, dtype=np.int8)
+        centered = q.astype(np.int64) - np.repeat(zeros, 32, axis=1)
+        assert np.array_equal(w4a8.gemv(weight, xq, np.ones(3, np.float32)), centered @ xq.astype(np.int64))
+        try:
+            w4a8.gemv(weight, xq, np.ones(3, np.float32), "avx2")
+        except RefqwenError as e:
+            print("refused:", e)
+    """)
+    env = dict(os.environ, NUMBA_CPU_NAME="x86-64", NUMBA_CPU_FEATURES="", NUMBA_CACHE_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "refused: the AVX2 int4 kernel needs a CPU with AVX2, not x86-64" in out.stdout
+
+
+@settings(max_examples=60, deadline=None)
+@given(G=st.integers(1, 12), group=st.sampled_from([32, 128]), mag=st.sampled_from([1e-40, 1e-3, 1.0, 1e30]),
+       special=st.sampled_from(["none", "zeros", "halves"]), seed=st.integers(0, 2**31))
+def test_token_quantization_is_quant_quantize_activations(G, group, mag, special, seed):
+    """The Numba quantizer of one token gives quant.quantize_activations' integers and scales bit for bit
+    (so decode and prefill quantize alike), and the group sums of the dequantized values."""
+    rng = np.random.default_rng(seed)
+    I = G * 128
+    x = (rng.standard_normal(I) * mag).astype(np.float32)
+    if special == "zeros":
+        x[:32] = 0
+        x[rng.random(I) < 0.3] = 0
+    elif special == "halves":  # values exactly half way between two integers of the scale: ties to even
+        x = (rng.integers(-254, 255, I) / 2).astype(np.float32)
+        x[::32] = 127
+    xq, xs = quant.quantize_activations(x[None])
+    x_even, x_odd = np.empty(I // 2, np.int8), np.empty(I // 2, np.int8)
+    scales, sums = np.empty(I // 32, np.float32), np.empty(I // group, np.float32)
+    w4a8.quantize_token(x, group, x_even, x_odd, scales, sums)
+    assert np.array_equal(x_even, xq[0, 0::2]) and np.array_equal(x_odd, xq[0, 1::2])
+    assert np.array_equal(scales.view(np.int32), xs[0].view(np.int32))
+    exact = (xq[0].reshape(-1, group).astype(np.float64) * np.repeat(xs[0], 32).reshape(-1, group)).sum(axis=1)
+    magnitude = (np.abs(xq[0]).reshape(-1, group).astype(np.float64) * np.repeat(xs[0], 32).reshape(-1, group)).sum(1)
+    assert np.all(np.abs(sums - exact) <= 5 * EPS32 * magnitude + 5 * TINY)
