@@ -88,6 +88,7 @@ if intrinsic is not None:
 
     tile_store = make_tile(MT, NV, accumulate=False)
     tile_add = make_tile(MT, NV, accumulate=True)
+    row_store = make_tile(1, NV, accumulate=False)  # the rows left over after whole tiles
 
     @intrinsic
     def vector_max(typingctx, address, n_vectors, initial):

@@ -15,7 +15,11 @@ share a key/value head and QUERY_BLOCK positions are R = G x QUERY_BLOCK rows th
 and value they load. Per block of KEY_BLOCK keys, the scores (rows x keys) and the weighted sum of
 values (rows x head size) are matrix products done in register tiles (backends/float_tiles.py), and
 between them each row's running maximum, weights and sum are updated with vectorized max and exp.
-Decode (T = 1) is one task per key/value head.
+Decode (T = 1) is one task per key/value head, and its few rows (G <= COLS) take another route
+(`_attend_few_rows`): with 7 rows, copying each block of keys transposed and of values into tile order
+cost more than the products. There the scores come out transposed (keys x rows) from tiles that read the
+keys where they lie in the cache, only the small block of weights is transposed, and the values are read
+in place too (when the head size is a multiple of the tiles' COLS).
 """
 
 import math
@@ -28,7 +32,7 @@ from refqwen.model.hooks import UNTRACED
 try:
     from numba import njit, prange
 
-    from refqwen.backends.float_tiles import COLS, LANES, MT, tile_add, tile_store, vector_max
+    from refqwen.backends.float_tiles import COLS, LANES, MT, row_store, tile_add, tile_store, vector_max
     from refqwen.backends.numba_math import exp_nonpositive
 except ImportError:  # the backends that use this module report numba as unavailable
     njit = None
@@ -104,7 +108,11 @@ if njit is not None:
         for task in prange(KV * n_blocks):
             kv = task % KV
             t0 = _balanced_block(task // KV, n_blocks) * QUERY_BLOCK
-            _attend_rows(q, k, v, lo, hi, scale, kv, G, t0, min(t0 + QUERY_BLOCK, T), out, lse)
+            t1 = min(t0 + QUERY_BLOCK, T)
+            if (t1 - t0) * G <= COLS:
+                _attend_few_rows(q, k, v, lo, hi, scale, kv, G, t0, t1, out, lse)
+            else:
+                _attend_rows(q, k, v, lo, hi, scale, kv, G, t0, t1, out, lse)
 
     @njit(fastmath=FAST, cache=True)
     def _attend_rows(q, k, v, lo, hi, scale, kv, G, t0, t1, out, lse):
@@ -134,12 +142,67 @@ if njit is not None:
                 b = min(hi[t], s0 + n) - s0 if r < R else 0
                 _softmax_step(p[r], a, b, n_cols, acc[r], row_max, denom, r)
             _matmul(p, vb, acc, Rp, Dp, n_cols, True)  # acc[r, d] += sum_j p[r, j] v[s0 + j, d]
+        _write_rows(acc, row_max, denom, kv, G, t0, R, out, lse)
+
+    @njit(fastmath=FAST, cache=True)
+    def _attend_few_rows(q, k, v, lo, hi, scale, kv, G, t0, t1, out, lse):
+        """_attend_rows for R <= COLS rows, reading keys (and values, when D is a multiple of COLS) in place."""
+        D = q.shape[2]
+        R, Rp, Dp = (t1 - t0) * G, _round_up((t1 - t0) * G, MT), _round_up(D, COLS)
+        qt = np.zeros((D, COLS), np.float32)  # scaled queries, transposed: row r is column r
+        for r in range(R):
+            for d in range(D):
+                qt[d, r] = q[t0 + r // G, kv * G + r % G, d] * scale
+        acc = np.zeros((Rp, Dp), np.float32)  # weighted sums of values
+        row_max = np.full(Rp, EMPTY, np.float32)
+        denom = np.zeros(Rp, np.float32)
+        pt = np.empty((KEY_BLOCK, COLS), np.float32)  # scores, keys x rows
+        p = np.zeros((Rp, KEY_BLOCK), np.float32)  # the same, rows x keys, then softmax weights
+        values_in_place = D % COLS == 0  # else a tile's last columns would read past the head
+        vb = np.zeros((0 if values_in_place else KEY_BLOCK, Dp), np.float32)
+        ks, vs, row = k.strides[0], v.strides[0], 4 * COLS
+        first, last = lo[t0:t1].min(), hi[t0:t1].max()
+        for s0 in range(first, last, KEY_BLOCK):
+            n = min(KEY_BLOCK, last - s0)
+            keys = k[s0, kv].ctypes.data  # key s0 + j of this head lies j * ks bytes further
+            whole = n // MT * MT
+            for j in range(0, whole, MT):  # pt[j, r] = k[s0 + j] . qs[r]
+                tile_store(keys + j * ks, ks, qt.ctypes.data, row, pt[j:].ctypes.data, row, D)
+            for j in range(whole, n):
+                row_store(keys + j * ks, ks, qt.ctypes.data, row, pt[j:].ctypes.data, row, D)
+            for r in range(R):
+                for j in range(n):
+                    p[r, j] = pt[j, r]
+            for r in range(Rp):
+                t = t0 + r // G
+                a = max(lo[t], s0) - s0 if r < R else 0
+                b = min(hi[t], s0 + n) - s0 if r < R else 0
+                _softmax_step(p[r], a, b, _round_up(n, COLS), acc[r], row_max, denom, r)
+            if values_in_place:  # acc[r, d] += sum_j p[r, j] v[s0 + j, d]
+                _matmul_at(p.ctypes.data, p.strides[0], v[s0, kv].ctypes.data, vs, acc.ctypes.data, acc.strides[0],
+                           Rp, Dp, n)
+            else:
+                vb[:n, :D] = v[s0:s0 + n, kv]
+                _matmul(p, vb, acc, Rp, Dp, n, True)
+        _write_rows(acc, row_max, denom, kv, G, t0, R, out, lse)
+
+    @njit(fastmath=FAST, cache=True)
+    def _write_rows(acc, row_max, denom, kv, G, t0, R, out, lse):
+        """out and lse of rows 0..R-1 from their running sums."""
+        D = out.shape[2]
         for r in range(R):
             t, h = t0 + r // G, kv * G + r % G
             seen = denom[r] > 0
             for d in range(D):
                 out[t, h, d] = acc[r, d] / denom[r] if seen else 0.0
             lse[t, h] = row_max[r] + np.log(denom[r]) if seen else -np.inf
+
+    @njit(cache=True)
+    def _matmul_at(a0, sa, b0, sb, c0, sc, rows, cols, inner):
+        """c[:rows, :cols] += a[:rows, :inner] @ b[:inner, :cols], by addresses and row strides in bytes."""
+        for r in range(0, rows, MT):
+            for j in range(0, cols, COLS):
+                tile_add(a0 + r * sa, sa, b0 + 4 * j, sb, c0 + r * sc + 4 * j, sc, inner)
 
     @njit(fastmath=FAST, cache=True)
     def _copy_block(keys, values, kt, vb, n_cols):

@@ -92,6 +92,8 @@ class NumbaInt8Backend(Backend):
         for scheme in ("int8-g32", "int8-channel", "int4-g32"):
             numba_gemm.matmul(np.ones((7, 32), np.float32), quant.quantize_scheme(np.ones((3, 32), np.float32), scheme))
         self.swiglu(np.ones((1, 2), np.float32), np.ones((1, 2), np.float32))
+        self.rms_norm(np.ones((1, 2), np.float32), np.ones(2, np.float32), 1e-6)
+        self.apply_rotary(np.ones((1, 1, 2), np.float32), np.ones((1, 2), np.float32), np.ones((1, 2), np.float32))
 
     def attention(self, q, keys, values, start, window):
         return numba_attention.attention(q, keys, values, start, window)  # parallel, bounded memory
@@ -99,6 +101,20 @@ class NumbaInt8Backend(Backend):
     def swiglu(self, gate, up):
         out = np.empty(gate.shape, np.float32)
         numba_math.swiglu(np.ascontiguousarray(gate, np.float32), np.ascontiguousarray(up, np.float32), out)
+        return out
+
+    def rms_norm(self, x, weight, eps):
+        out = np.empty(x.shape, np.float32)
+        numba_math.rms_norm(np.ascontiguousarray(x, np.float32), np.ascontiguousarray(weight, np.float32),
+                            np.float32(eps), out)
+        return out
+
+    def apply_rotary(self, x, cos, sin):
+        if x.shape[-1] % 2:  # no Qwen2 head size is odd; the reference's code says what is wrong
+            return super().apply_rotary(x, cos, sin)
+        out = np.empty(x.shape, np.float32)
+        numba_math.apply_rotary(np.ascontiguousarray(x, np.float32), np.ascontiguousarray(cos, np.float32),
+                                np.ascontiguousarray(sin, np.float32), out)
         return out
 
     def dual_chunk_attention(self, q, keys, values, start, inv_freq, attention_factor, cfg, hook):

@@ -1,4 +1,6 @@
-"""Elementwise math that LLVM vectorizes: exp of a non-positive argument, and SwiGLU built on it.
+"""Elementwise math that LLVM vectorizes: exp of a non-positive argument, SwiGLU built on it, RMSNorm and
+rotary embedding. (A decode step calls the last two ~100 times on a few thousand numbers each, where
+NumPy's several passes and temporaries cost 15-30 us a call.)
 
 A call to libm's expf inside a Numba loop keeps the loop scalar. `exp_nonpositive` is Cephes' expf
 (within 1 ulp on [-87, 0]) written as plain arithmetic, inlined into the caller's loop, so the loop
@@ -50,3 +52,33 @@ if njit is not None:
                 e = exp_nonpositive(-g if g > 0 else g)
                 sigmoid = np.float32(1.0) / (np.float32(1.0) + e) if g > 0 else e / (np.float32(1.0) + e)
                 o_row[j] = g * sigmoid * u_row[j]
+
+    @njit(fastmath=FAST, cache=True)
+    def rms_norm(x, weight, eps, out):
+        """out = x / sqrt(mean(x^2) + eps) * weight, x [T, C] float32, weight [C]: refqwen/model/norm.py's
+        arithmetic (the mean square summed in float32 lanes, in another order than NumPy's)."""
+        T, C = x.shape
+        for t in range(T):
+            row = x[t]
+            total = np.float32(0.0)
+            for c in range(C):
+                total += row[c] * row[c]
+            inv = np.float32(1.0) / np.sqrt(total / np.float32(C) + eps)
+            out_row = out[t]
+            for c in range(C):
+                out_row[c] = row[c] * inv * weight[c]
+
+    @njit(cache=True)
+    def apply_rotary(x, cos, sin, out):
+        """out = x cos + rotate_half(x) sin, x [T, H, D], cos and sin [T, D]: refqwen/model/rope.py's
+        arithmetic, rounding for rounding (no fastmath: no fused multiply-add)."""
+        T, H, D = x.shape
+        half = D // 2
+        for t in range(T):
+            c, s = cos[t], sin[t]
+            for h in range(H):
+                row, dst = x[t, h], out[t, h]
+                for d in range(half):
+                    dst[d] = row[d] * c[d] + (-row[d + half]) * s[d]
+                for d in range(half, D):
+                    dst[d] = row[d] * c[d] + row[d - half] * s[d]

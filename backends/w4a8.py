@@ -149,6 +149,25 @@ if njit is not None:
 
         return row_dot
 
+    @njit(cache=True)
+    def quantize_token(x, group, x_even, x_odd, xs, x_sums):
+        """x [I] float32 -> int8 halves x_even, x_odd [I/2], scales xs [I/32] (max |x| / 127 per group of 32,
+        round half to even, as quant.quantize) and x_sums [I/group] (dequantized values summed per group)."""
+        x_sums[:] = 0
+        for a in range(x.shape[0] // 32):
+            chunk = x[32 * a:32 * a + 32]
+            s = np.float32(np.abs(chunk).max() / np.float32(127))
+            total = 0
+            for k in range(32):
+                v = np.int8(min(max(np.rint(chunk[k] / s), -127), 127)) if s > 0 else np.int8(0)
+                total += np.int32(v)
+                if k % 2 == 0:
+                    x_even[16 * a + k // 2] = v
+                else:
+                    x_odd[16 * a + k // 2] = v
+            xs[a] = s
+            x_sums[a * 32 // group] += s * np.float32(total)
+
     def make_gemv(name, pairs, quads):
         dot32, dot128 = make_row_dot(pairs, quads, 32), make_row_dot(pairs, quads, 128)
 
@@ -174,10 +193,22 @@ if njit is not None:
                 y[o] = total
 
         gemv.__qualname__ = f"gemv_{name}"  # Numba's disk cache tells functions apart by name, not by closure
-        return njit(parallel=True, fastmath={"reassoc", "contract"}, cache=True)(gemv)
+        gemv = njit(parallel=True, fastmath={"reassoc", "contract"}, cache=True)(gemv)
 
-    _GEMVS = {"avx2": make_gemv("avx2", _pairs_avx2, _quads_avx2),
-              "generic": make_gemv("generic", _pairs_generic, _quads_generic)}
+        def gemv_token(x, packed, ws, zeros, group, y):
+            """x [I] float32: quantized here, then the GEMV: one call from Python per token and matrix."""
+            I = x.shape[0]
+            x_even, x_odd = np.empty(I // 2, np.int8), np.empty(I // 2, np.int8)
+            xs, x_sums = np.empty(I // 32, np.float32), np.empty(I // group, np.float32)
+            quantize_token(x, group, x_even, x_odd, xs, x_sums)
+            gemv(packed, ws, zeros, group, x_even, x_odd, xs, x_sums, y)
+
+        gemv_token.__qualname__ = f"gemv_token_{name}"
+        return gemv, njit(cache=True)(gemv_token)
+
+    _GEMVS, _TOKEN_GEMVS = {}, {}
+    for _name, _ops in (("avx2", (_pairs_avx2, _quads_avx2)), ("generic", (_pairs_generic, _quads_generic))):
+        _GEMVS[_name], _TOKEN_GEMVS[_name] = make_gemv(_name, *_ops)
 
 
 def _check(name: str, weight, I: int, xs_shape):
@@ -210,33 +241,13 @@ def _run(name, weight, x_even, x_odd, xs, x_sums):
 
 def linear_one_token(x: np.ndarray, weight) -> np.ndarray:
     """x [I] float32, quantized per group of 32 (as quant.quantize_activations, bit for bit), times an int4
-    weight -> [O]. The quantization runs in Numba: in NumPy it cost as much as the GEMV of a small matrix."""
-    I = x.shape[0]
+    weight -> [O]. Quantization and GEMV are one call into Numba: decode makes ~100 of these per token, and
+    NumPy's quantization plus the Python between calls cost as much as the GEMV of a small matrix."""
     name = instruction()
-    _check(name, weight, I, (I // 32,))
-    x_even, x_odd = np.empty(I // 2, np.int8), np.empty(I // 2, np.int8)
-    xs, x_sums = np.empty(I // 32, np.float32), np.empty(I // weight.group, np.float32)
-    quantize_token(np.ascontiguousarray(x, np.float32), weight.group, x_even, x_odd, xs, x_sums)
-    return _run(name, weight, x_even, x_odd, xs, x_sums)
+    if weight.shape[1] != x.shape[0]:
+        _check(name, weight, x.shape[0], (x.shape[0] // 32,))
+    y = np.empty(weight.shape[0], np.float32)
+    _TOKEN_GEMVS[name](np.ascontiguousarray(x, np.float32), weight.q_packed, weight.scales, weight.zeros,
+                       weight.group, y)
+    return y
 
-
-if njit is not None:
-
-    @njit(cache=True)
-    def quantize_token(x, group, x_even, x_odd, xs, x_sums):
-        """x [I] float32 -> int8 halves x_even, x_odd [I/2], scales xs [I/32] (max |x| / 127 per group of 32,
-        round half to even, as quant.quantize) and x_sums [I/group] (dequantized values summed per group)."""
-        x_sums[:] = 0
-        for a in range(x.shape[0] // 32):
-            chunk = x[32 * a:32 * a + 32]
-            s = np.float32(np.abs(chunk).max() / np.float32(127))
-            total = 0
-            for k in range(32):
-                v = np.int8(min(max(np.rint(chunk[k] / s), -127), 127)) if s > 0 else np.int8(0)
-                total += np.int32(v)
-                if k % 2 == 0:
-                    x_even[16 * a + k // 2] = v
-                else:
-                    x_odd[16 * a + k // 2] = v
-            xs[a] = s
-            x_sums[a * 32 // group] += s * np.float32(total)

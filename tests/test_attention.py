@@ -4,7 +4,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from refqwen.model.attention import attention_pattern, causal_attention, textbook_attention
@@ -98,6 +98,9 @@ def test_attention_memory_is_linear_not_quadratic():
 @settings(max_examples=60, deadline=None)
 @given(T=st.integers(1, 40), S=st.integers(1, 600), KV=st.integers(1, 3), G=st.integers(1, 8),
        D=st.sampled_from([2, 8, 64, 80]), scale=st.sampled_from([0.05, 0.3, 2.0]), seed=st.integers(0, 2**31))
+# decode's few rows (T x G <= 16) over several key blocks, values read in place (D = 64) and copied (D = 80)
+@example(T=1, S=600, KV=2, G=7, D=64, scale=0.3, seed=1)
+@example(T=2, S=600, KV=1, G=8, D=80, scale=0.3, seed=2)
 def test_numba_attend_ranges_against_float64(T, S, KV, G, D, scale, seed):
     """backends/numba_attention.attend_ranges: query t sees keys lo[t] .. hi[t]-1 (any range, empty too),
     out and log-sum-exp against the float64 definition."""

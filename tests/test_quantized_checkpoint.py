@@ -15,6 +15,7 @@ from refqwen.model import Model
 from refqwen.model.attention import causal_attention
 from refqwen.model.linear import linear
 from refqwen.model.mlp import swiglu
+from refqwen.model.norm import rms_norm
 
 BACKEND_OF = {"int8-g32": "numba-int8", "int8-channel": "numba-int8-channel", "int4-g32": "numba-int4",
               "int4-g128": "numba-int4"}
@@ -54,10 +55,11 @@ def test_round_trip_equals_quantizing_on_load(scheme, source, tmp_path, rng):
     for t in ids[:5]:  # decode path
         np.testing.assert_array_equal(loaded.forward([t], cache_a), on_load.forward([t], cache_b))
     reference = refqwen.load(out, progress=False)  # the reference dequantizes the same integers
-    # bit for bit once both multiply, attend and gate the same way: the Numba backend's matrix products and
-    # attention sum in other orders and its SwiGLU has its own exp (each is checked against the reference in
-    # tests/test_backends.py); here the same integers go through the reference's own arithmetic
-    loaded.ops.attention, loaded.ops.swiglu = causal_attention, swiglu
+    # bit for bit once both multiply, attend, normalize and gate the same way: the Numba backend's matrix
+    # products, attention and RMSNorm sum in other orders and its SwiGLU has its own exp (each is checked
+    # against the reference in tests/test_backends.py); here the same integers go through the reference's
+    # own arithmetic
+    loaded.ops.attention, loaded.ops.swiglu, loaded.ops.rms_norm = causal_attention, swiglu, rms_norm
     loaded.ops.linear = lambda x, weight, bias=None: linear(x, weight.rows(), bias)
     np.testing.assert_array_equal(reference.forward(ids), loaded.forward(ids))
 
