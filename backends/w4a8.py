@@ -28,6 +28,7 @@ where `llvmlite.binding.get_host_cpu_features()` reports avx2 (LLVM could not ev
 
 import functools
 import os
+import types as pytypes
 
 import numpy as np
 
@@ -168,47 +169,52 @@ if njit is not None:
             xs[a] = s
             x_sums[a * 32 // group] += s * np.float32(total)
 
-    def make_gemv(name, pairs, quads):
-        dot32, dot128 = make_row_dot(pairs, quads, 32), make_row_dot(pairs, quads, 128)
+    row_dot32 = make_row_dot(_pairs_generic, _quads_generic, 32)
+    row_dot128 = make_row_dot(_pairs_generic, _quads_generic, 128)
 
-        def gemv(packed, ws, zeros, group, x_even, x_odd, xs, x_sums, y):
-            """packed [O, I/2] uint8, ws [O, G] float32, zeros [O, G] uint8, x_even/x_odd [I/2] int8 (xq[0::2],
-            xq[1::2]), xs [I/32] float32, x_sums [G] (dequantized activations summed per weight group) -> y [O]"""
-            O, H = packed.shape
-            G = ws.shape[1]
-            steps = H // STEP_BYTES
-            for o in prange(O):
-                shift = np.float32(0)
-                for g in range(G):
-                    shift += ws[o, g] * np.float32(zeros[o, g]) * x_sums[g]
-                args = (packed[o].ctypes.data, ws[o].ctypes.data, x_even.ctypes.data, x_odd.ctypes.data,
-                        xs.ctypes.data, steps)
-                total = (dot32(*args) if group == 32 else dot128(*args)) - shift
-                if steps * STEP_BYTES < H:  # an odd number of groups of 32: the last one here
-                    exact = np.int32(0)
-                    for k in range(steps * STEP_BYTES, H):
-                        byte = np.int32(packed[o, k])
-                        exact += (byte & 15) * np.int32(x_even[k]) + (byte >> 4) * np.int32(x_odd[k])
-                    total += np.float32(exact) * (ws[o, G - 1] * xs[G - 1])
-                y[o] = total
+    def gemv_rows(packed, ws, zeros, group, x_even, x_odd, xs, x_sums, y):
+        """packed [O, I/2] uint8, ws [O, G] float32, zeros [O, G] uint8, x_even/x_odd [I/2] int8 (xq[0::2],
+        xq[1::2]), xs [I/32] float32, x_sums [G] (dequantized activations summed per weight group) -> y [O]"""
+        O, H = packed.shape
+        G = ws.shape[1]
+        steps = H // STEP_BYTES
+        for o in prange(O):
+            shift = np.float32(0)
+            for g in range(G):
+                shift += ws[o, g] * np.float32(zeros[o, g]) * x_sums[g]
+            args = (packed[o].ctypes.data, ws[o].ctypes.data, x_even.ctypes.data, x_odd.ctypes.data,
+                    xs.ctypes.data, steps)
+            total = (row_dot32(*args) if group == 32 else row_dot128(*args)) - shift
+            if steps * STEP_BYTES < H:  # an odd number of groups of 32: the last one here
+                exact = np.int32(0)
+                for k in range(steps * STEP_BYTES, H):
+                    byte = np.int32(packed[o, k])
+                    exact += (byte & 15) * np.int32(x_even[k]) + (byte >> 4) * np.int32(x_odd[k])
+                total += np.float32(exact) * (ws[o, G - 1] * xs[G - 1])
+            y[o] = total
 
-        gemv.__qualname__ = f"gemv_{name}"  # Numba's disk cache tells functions apart by name, not by closure
-        gemv = njit(parallel=True, fastmath={"reassoc", "contract"}, cache=True)(gemv)
+    def gemv_token(x, packed, ws, zeros, group, y):
+        """x [I] float32: quantized here, then the GEMV: one call from Python per token and matrix."""
+        I = x.shape[0]
+        x_even, x_odd = np.empty(I // 2, np.int8), np.empty(I // 2, np.int8)
+        xs, x_sums = np.empty(I // 32, np.float32), np.empty(I // group, np.float32)
+        quantize_token(x, group, x_even, x_odd, xs, x_sums)
+        gemv_rows(packed, ws, zeros, group, x_even, x_odd, xs, x_sums, y)
 
-        def gemv_token(x, packed, ws, zeros, group, y):
-            """x [I] float32: quantized here, then the GEMV: one call from Python per token and matrix."""
-            I = x.shape[0]
-            x_even, x_odd = np.empty(I // 2, np.int8), np.empty(I // 2, np.int8)
-            xs, x_sums = np.empty(I // 32, np.float32), np.empty(I // group, np.float32)
-            quantize_token(x, group, x_even, x_odd, xs, x_sums)
-            gemv(packed, ws, zeros, group, x_even, x_odd, xs, x_sums, y)
-
-        gemv_token.__qualname__ = f"gemv_token_{name}"
-        return gemv, njit(cache=True)(gemv_token)
+    def _compile(function, name: str, **bound):
+        """`function` compiled with the names in `bound` as its globals, under its own name. Plain functions
+        with their own globals, not closures: Numba's disk cache does not keep closures (each process
+        compiled them again, 2-3 s)."""
+        specialized = pytypes.FunctionType(function.__code__, {**function.__globals__, **bound}, function.__name__)
+        specialized.__qualname__ = f"{function.__qualname__}_{name}"  # the cache tells functions apart by name
+        return njit(parallel="prange" in function.__code__.co_names, fastmath={"reassoc", "contract"},
+                    cache=True)(specialized)
 
     _GEMVS, _TOKEN_GEMVS = {}, {}
-    for _name, _ops in (("avx2", (_pairs_avx2, _quads_avx2)), ("generic", (_pairs_generic, _quads_generic))):
-        _GEMVS[_name], _TOKEN_GEMVS[_name] = make_gemv(_name, *_ops)
+    for _name, _pairs, _quads in (("avx2", _pairs_avx2, _quads_avx2), ("generic", _pairs_generic, _quads_generic)):
+        _GEMVS[_name] = _compile(gemv_rows, _name, row_dot32=make_row_dot(_pairs, _quads, 32),
+                                 row_dot128=make_row_dot(_pairs, _quads, 128))
+        _TOKEN_GEMVS[_name] = _compile(gemv_token, _name, gemv_rows=_GEMVS[_name])
 
 
 def _check(name: str, weight, I: int, xs_shape):
