@@ -8,7 +8,7 @@ scales (refqwen/quant.py).
     numba-w8a8          weights as numba-int8, activations quantized per token and group of 32,
                         dot products of int8 pairs accumulated in int32
     numba-w4a8          weights as numba-int4, activations as numba-w8a8: decode multiplies nibbles by
-                        int8 activations in int32 (backends/w4a8.py), about twice numba-int4's speed
+                        int8 activations in int32 (backends/int_gemv.py), about twice numba-int4's speed
 
 The float-activation backends run a pre-quantized checkpoint of any scheme as it is (int8-channel,
 int8-g32, int4-g32, int4-g128); their `layout` only decides how a float checkpoint is quantized on
@@ -32,7 +32,7 @@ import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from refqwen import quant
-from refqwen.backends import numba_attention, numba_gemm, numba_math, vnni, w4a8
+from refqwen.backends import int_gemv, numba_attention, numba_gemm, numba_math, vnni
 from refqwen.errors import WeightsError
 from refqwen.model.ops import Backend
 from refqwen.quant import QUANTIZED, QuantizedInt4Weight, QuantizedWeight
@@ -80,11 +80,11 @@ class NumbaInt8Backend(Backend):
         q, x, y = np.ones((2, 40), np.int8), np.ones(40, np.float32), np.empty(2, np.float32)
         gemv_channel(q, np.ones(2, np.float32), x, y)
         gemv_g32(q, np.ones((2, 2), np.float32), x, y)
-        gemv_w8a8(q, np.ones((2, 2), np.float32), q[0], np.ones(2, np.float32), y)
         packed, ones = np.ones((2, 16), np.uint8), np.ones((2, 1), np.float32)
         gemv_int4(packed, ones, np.ones((2, 1), np.uint8), 32, x[:16], x[16:32], y)
         if self.quantize_activations:
-            w4a8.linear_one_token(x[:32], quant.quantize_scheme(np.ones((2, 32), np.float32), "int4-g32"))
+            for scheme in ("int4-g32", "int8-g32"):
+                int_gemv.linear_one_token(x[:32], quant.quantize_scheme(np.ones((2, 32), np.float32), scheme))
         if self.quantize_activations and self.int8_path == "vnni":
             vnni.matmul_w8a8(np.ones((5, 70), np.int8), np.ones((5, 3), np.float32), np.ones((2, 70), np.int8),
                              np.ones((2, 3), np.float32), "vnni")
@@ -174,11 +174,8 @@ class NumbaInt8Backend(Backend):
     def _gemv(self, x, w: QuantizedWeight) -> np.ndarray:
         y = np.empty((x.shape[0], w.shape[0]), np.float32)
         for t in range(x.shape[0]):
-            if self.quantize_activations and isinstance(w, QuantizedInt4Weight):
-                y[t] = w4a8.linear_one_token(x[t], w)
-            elif self.quantize_activations:
-                xq, xs = quant.quantize_activations(x[t:t + 1])
-                gemv_w8a8(w.q, w.scales, xq[0], xs[0], y[t])
+            if self.quantize_activations:  # int4 or int8-g32 weights (runs_schemes), int8 dot products
+                y[t] = int_gemv.linear_one_token(x[t], w)
             elif isinstance(w, QuantizedInt4Weight):
                 gemv_int4(w.q_packed, w.scales, w.zeros, w.group, x[t, 0::2].copy(), x[t, 1::2].copy(), y[t])
             elif w.scales.ndim == 1:
@@ -322,23 +319,6 @@ if numba is not None:
                     lanes[j] += np.float32(q[o, g * 32 + j]) * x[g * 32 + j] * s
             for j in range(full * 32, I):  # a shorter last group
                 lanes[0] += np.float32(q[o, j]) * x[j] * scales[o, full]
-            y[o] = lanes.sum()
-
-    @njit(parallel=True, fastmath=FAST, cache=True)
-    def gemv_w8a8(q, scales, xq, xs, y):
-        """Weights q [O, I] int8 with scales [O, G]; activations xq [I] int8 with scales xs [G].
-        Each product of two int8 is formed exactly in int32, then scaled by its group's two scales
-        and summed in float32 lanes (as in gemv_g32, for the same reason)."""
-        O, I = q.shape
-        full = I // 32
-        for o in prange(O):
-            lanes = np.zeros(32, np.float32)
-            for g in range(full):
-                s = scales[o, g] * xs[g]
-                for j in range(32):
-                    lanes[j] += np.float32(np.int32(q[o, g * 32 + j]) * np.int32(xq[g * 32 + j])) * s
-            for j in range(full * 32, I):
-                lanes[0] += np.float32(np.int32(q[o, j]) * np.int32(xq[j])) * (scales[o, full] * xs[full])
             y[o] = lanes.sum()
 
     @njit(parallel=True, fastmath=FAST, cache=True)

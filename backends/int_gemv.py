@@ -1,4 +1,8 @@
-"""int4 weights times int8 activations, one token at a time: the decode GEMV of numba-w4a8.
+"""Decode GEMVs with int8 activations, one token at a time: int4 x int8 (numba-w4a8) and int8 x int8
+(numba-w8a8). The token's activations are quantized per group of 32 (xq int8, scales xs; bit for bit
+quant.quantize_activations) and every group's dot product is summed exactly in int32.
+
+int4 x int8:
 
     y[o] = sum over groups g of  ws[o, g] * sum_{j in g} (q[o, j] - z[o, g]) * xs[a(j)] * xq[j]
 
@@ -21,8 +25,16 @@ at most 2 x 15 x 127 per lane, so never saturated, and the two sums added still 
 into 8 int32 lanes of four columns each (4 lanes per group of 32), convert, and one multiply-add by the lanes'
 scales ws[o, g] xs[g]. This is llama.cpp's Q4 x Q8 recipe; it leaves the GEMV bound by memory again.
 
-The same step in generic LLVM vector IR (widen to int16, multiply, add adjacent pairs; `instruction="generic"`)
-computes the same integers, hence bit for bit the same result, on any CPU; the AVX2 instructions are used only
+int8 x int8 (int8-g32 weights, |q| <= 127 as quant.quantize writes them, or -128 from another writer):
+
+    y[o] = sum_g ws[o, g] xs[g] sum_{j in g} q[o, j] xq[j]
+
+with the same instructions: `vpmaddubsw` wants one unsigned operand, so it takes |q| (`vpabsb`; -128 reads
+as unsigned 128, still right) against xq with q's sign moved onto it (`vpsignb`; xq is never -128). One
+step is one group of 32: ~8 instructions per 32 weights against ~16 for float activations.
+
+The same steps in generic LLVM vector IR (widen to int16, multiply, add adjacent pairs; `instruction="generic"`)
+compute the same integers, hence bit for bit the same result, on any CPU; the AVX2 instructions are used only
 where `llvmlite.binding.get_host_cpu_features()` reports avx2 (LLVM could not even select them elsewhere).
 """
 
@@ -103,6 +115,32 @@ if njit is not None:
                                             "llvm.x86.avx2.pmadd.wd")
         return builder.call(fn, [p, ir.Constant(I16x16, [1] * 16)])
 
+    def _signed_pairs_generic(builder, w, x):
+        """w, x [32 x i8] signed -> [16 x i16] sums of adjacent products."""
+        return _adjacent_sums(builder, builder.mul(builder.sext(w, I16x32), builder.sext(x, I16x32)), 32)
+
+    def _signed_pairs_avx2(builder, w, x):
+        """The same with vpmaddubsw: |w| (unsigned) against x carrying w's sign."""
+        absolute = cgutils.get_or_insert_function(builder.module, ir.FunctionType(I8x32, [I8x32, ir.IntType(1)]),
+                                                  "llvm.abs.v32i8")
+        sign = cgutils.get_or_insert_function(builder.module, ir.FunctionType(I8x32, [I8x32, I8x32]),
+                                              "llvm.x86.avx2.psign.b")
+        return _pairs_avx2(builder, builder.call(absolute, [w, ir.Constant(ir.IntType(1), 0)]),
+                           builder.call(sign, [x, w]))
+
+    def _lane_sum(builder, v):
+        """The sum of a [8 x float], by halving."""
+        n = 8
+        while n > 1:
+            n //= 2
+            v = builder.fadd(builder.shuffle_vector(v, v, _indices(range(n))),
+                             builder.shuffle_vector(v, v, _indices(range(n, 2 * n))))
+        return builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
+
+    def _splat(builder, value):
+        v = builder.insert_element(ir.Constant(F32x8, None), value, ir.Constant(ir.IntType(32), 0))
+        return builder.shuffle_vector(v, v, _indices([0] * 8))
+
     def _weight_scales(builder, ws, step, group):
         """The weight scale of each of a step's 8 lanes: lanes 0-3 and 4-7 are the step's two groups of 32."""
         if group == 32:
@@ -110,8 +148,7 @@ if njit is not None:
             return builder.shuffle_vector(two, two, _indices([0] * 4 + [1] * 4))
         one = _load(builder, ws, builder.mul(builder.udiv(step, ir.Constant(I64, group // 64)), ir.Constant(I64, 4)),
                     ir.FloatType(), 4)  # the step lies inside one group of 128
-        v = builder.insert_element(ir.Constant(F32x8, None), one, ir.Constant(ir.IntType(32), 0))
-        return builder.shuffle_vector(v, v, _indices([0] * 8))
+        return _splat(builder, one)
 
     def make_row_dot(pairs, quads, group: int):
         """The intrinsic  sum_g ws[g] xs[g] D[g]  for one packed row (float32)."""
@@ -139,28 +176,59 @@ if njit is not None:
                                          builder.shuffle_vector(two, two, _indices([0] * 4 + [1] * 4)))
                     term = builder.fmul(dots, scale, flags=("contract",))
                     builder.store(builder.fadd(builder.load(acc), term, flags=("contract",)), acc)
-                v, n = builder.load(acc), 8
-                while n > 1:  # the 8 lanes' sum, by halving
-                    n //= 2
-                    v = builder.fadd(builder.shuffle_vector(v, v, _indices(range(n))),
-                                     builder.shuffle_vector(v, v, _indices(range(n, 2 * n))))
-                return builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
+                return _lane_sum(builder, builder.load(acc))
 
             return sig, codegen
 
         return row_dot
 
+    def make_int8_row_dot(signed_pairs, quads):
+        """The intrinsic  sum_g ws[g] xs[g] sum_{j in g} q[j] xq[j]  over `steps` whole groups of 32 of one
+        int8 row (float32); arguments are the addresses of q, ws, xq, xs."""
+
+        @intrinsic
+        def row_dot(typingctx, q, ws, xq, xs, steps):
+            sig = types.float32(*([types.int64] * 5))
+
+            def codegen(context, builder, signature, args):
+                q, ws, xq, xs, steps = args
+                acc = cgutils.alloca_once_value(builder, ir.Constant(F32x8, None))
+                with cgutils.for_range(builder, steps) as loop:
+                    offset = builder.mul(loop.index, ir.Constant(I64, 32))
+                    p = signed_pairs(builder, _load(builder, q, offset, I8x32), _load(builder, xq, offset, I8x32))
+                    dots = builder.sitofp(quads(builder, p), F32x8)  # each lane: 4 columns, exact
+                    at = builder.mul(loop.index, ir.Constant(I64, 4))
+                    scale = builder.fmul(_load(builder, ws, at, ir.FloatType(), 4),
+                                         _load(builder, xs, at, ir.FloatType(), 4))
+                    term = builder.fmul(dots, _splat(builder, scale), flags=("contract",))
+                    builder.store(builder.fadd(builder.load(acc), term, flags=("contract",)), acc)
+                return _lane_sum(builder, builder.load(acc))
+
+            return sig, codegen
+
+        return row_dot
+
+    @njit(inline="always", cache=True)
+    def _group_scale(chunk):
+        """max |x| / 127 of a group, rounded as quant.quantize rounds it."""
+        return np.float32(np.abs(chunk).max() / np.float32(127))
+
+    @njit(inline="always", cache=True)
+    def _to_int8(value, s):
+        """round(value / s) clipped to +-127, half to even (np.rint), 0 for a zero scale: quant.quantize."""
+        return np.int8(min(max(np.rint(value / s), -127), 127)) if s > 0 else np.int8(0)
+
     @njit(cache=True)
     def quantize_token(x, group, x_even, x_odd, xs, x_sums):
-        """x [I] float32 -> int8 halves x_even, x_odd [I/2], scales xs [I/32] (max |x| / 127 per group of 32,
-        round half to even, as quant.quantize) and x_sums [I/group] (dequantized values summed per group)."""
+        """x [I] float32 -> int8 halves x_even, x_odd [I/2], scales xs [I/32] (as quant.quantize_activations)
+        and x_sums [I/group] (dequantized values summed per weight group): the int4 GEMV's operands."""
         x_sums[:] = 0
         for a in range(x.shape[0] // 32):
             chunk = x[32 * a:32 * a + 32]
-            s = np.float32(np.abs(chunk).max() / np.float32(127))
+            s = _group_scale(chunk)
             total = 0
             for k in range(32):
-                v = np.int8(min(max(np.rint(chunk[k] / s), -127), 127)) if s > 0 else np.int8(0)
+                v = _to_int8(chunk[k], s)
                 total += np.int32(v)
                 if k % 2 == 0:
                     x_even[16 * a + k // 2] = v
@@ -168,6 +236,18 @@ if njit is not None:
                     x_odd[16 * a + k // 2] = v
             xs[a] = s
             x_sums[a * 32 // group] += s * np.float32(total)
+
+    @njit(cache=True)
+    def quantize_row(x, xq, xs):
+        """x [I] float32 -> xq [I] int8, xs [ceil(I/32)] (as quant.quantize_activations; the last group may be
+        shorter): the int8 GEMV's operands."""
+        I = x.shape[0]
+        for a in range(xs.shape[0]):
+            chunk = x[32 * a:min(32 * a + 32, I)]
+            s = _group_scale(chunk)
+            for k in range(chunk.shape[0]):
+                xq[32 * a + k] = _to_int8(chunk[k], s)
+            xs[a] = s
 
     row_dot32 = make_row_dot(_pairs_generic, _quads_generic, 32)
     row_dot128 = make_row_dot(_pairs_generic, _quads_generic, 128)
@@ -201,6 +281,27 @@ if njit is not None:
         quantize_token(x, group, x_even, x_odd, xs, x_sums)
         gemv_rows(packed, ws, zeros, group, x_even, x_odd, xs, x_sums, y)
 
+    int8_row_dot = make_int8_row_dot(_signed_pairs_generic, _quads_generic)
+
+    def gemv8_rows(q, ws, xq, xs, y):
+        """q [O, I] int8, ws [O, G] float32, xq [I] int8, xs [G] float32 -> y [O]; the last group may be shorter."""
+        O, I = q.shape
+        full = I // 32
+        for o in prange(O):
+            total = int8_row_dot(q[o].ctypes.data, ws[o].ctypes.data, xq.ctypes.data, xs.ctypes.data, full)
+            if full * 32 < I:
+                exact = np.int32(0)
+                for j in range(full * 32, I):
+                    exact += np.int32(q[o, j]) * np.int32(xq[j])
+                total += np.float32(exact) * (ws[o, full] * xs[full])
+            y[o] = total
+
+    def gemv8_token(x, q, ws, y):
+        """x [I] float32: quantized here, then the int8 GEMV."""
+        xq, xs = np.empty(x.shape[0], np.int8), np.empty(ws.shape[1], np.float32)
+        quantize_row(x, xq, xs)
+        gemv8_rows(q, ws, xq, xs, y)
+
     def _compile(function, name: str, **bound):
         """`function` compiled with the names in `bound` as its globals, under its own name. Plain functions
         with their own globals, not closures: Numba's disk cache does not keep closures (each process
@@ -210,50 +311,64 @@ if njit is not None:
         return njit(parallel="prange" in function.__code__.co_names, fastmath={"reassoc", "contract"},
                     cache=True)(specialized)
 
-    _GEMVS, _TOKEN_GEMVS = {}, {}
-    for _name, _pairs, _quads in (("avx2", _pairs_avx2, _quads_avx2), ("generic", _pairs_generic, _quads_generic)):
+    _GEMVS, _TOKEN_GEMVS, _GEMV8S, _TOKEN_GEMV8S = {}, {}, {}, {}
+    for _name, _pairs, _signed, _quads in (("avx2", _pairs_avx2, _signed_pairs_avx2, _quads_avx2),
+                                           ("generic", _pairs_generic, _signed_pairs_generic, _quads_generic)):
         _GEMVS[_name] = _compile(gemv_rows, _name, row_dot32=make_row_dot(_pairs, _quads, 32),
                                  row_dot128=make_row_dot(_pairs, _quads, 128))
         _TOKEN_GEMVS[_name] = _compile(gemv_token, _name, gemv_rows=_GEMVS[_name])
+        _GEMV8S[_name] = _compile(gemv8_rows, _name, int8_row_dot=make_int8_row_dot(_signed, _quads))
+        _TOKEN_GEMV8S[_name] = _compile(gemv8_token, _name, gemv8_rows=_GEMV8S[_name])
 
 
-def _check(name: str, weight, I: int, xs_shape):
+def _check(name: str, weight, I: int, groups: int):
+    """Refuse an unknown or unavailable instruction set, or activations that do not fit the weight."""
     if name not in INSTRUCTIONS:
-        raise RefqwenError(f"unknown int4 instruction set {name!r}; expected one of {', '.join(INSTRUCTIONS)}")
+        raise RefqwenError(f"unknown instruction set {name!r} for the int8-activation GEMV; "
+                           f"expected one of {', '.join(INSTRUCTIONS)}")
     if name == "avx2" and not target_has_avx2():
-        raise RefqwenError("the AVX2 int4 kernel needs a CPU with AVX2, not "
+        raise RefqwenError("the AVX2 GEMV needs a CPU with AVX2, not "
                            f"{os.environ.get('NUMBA_CPU_NAME') or llvm_binding.get_host_cpu_name()}")
-    if weight.shape[1] != I or xs_shape != (I // 32,) or I % 32:
-        raise RefqwenError(f"w4a8.gemv: a weight of input {weight.shape[1]} and activations ({I},) with scales "
-                           f"{xs_shape} do not match (groups of 32 along the input)")
+    if weight.shape[1] != I or groups != -(-I // 32):
+        raise RefqwenError(f"int_gemv: a weight of input {weight.shape[1]} and activations ({I},) with {groups} "
+                           "scales do not match (groups of 32 along the input)")
 
 
-def gemv(weight, xq: np.ndarray, xs: np.ndarray, name: str | None = None) -> np.ndarray:
+def gemv_int4(weight, xq: np.ndarray, xs: np.ndarray, name: str | None = None) -> np.ndarray:
     """One token: an int4 weight (QuantizedInt4Weight) times activations xq [I] int8 with scales xs [I/32]
     -> y [O] float32. `name` forces an instruction set (tests); by default the CPU's."""
     name = name or instruction()
-    _check(name, weight, xq.shape[0], xs.shape)
+    _check(name, weight, xq.shape[0], xs.shape[0])
     xs = np.ascontiguousarray(xs, np.float32)
     group_sums = xs * xq.reshape(-1, 32).sum(axis=1, dtype=np.int32)  # [I/32]: dequantized activations per group
     x_sums = group_sums.reshape(-1, weight.group // 32).sum(axis=1, dtype=np.float32)  # [G]
-    return _run(name, weight, np.ascontiguousarray(xq[0::2]), np.ascontiguousarray(xq[1::2]), xs, x_sums)
-
-
-def _run(name, weight, x_even, x_odd, xs, x_sums):
     y = np.empty(weight.shape[0], np.float32)
-    _GEMVS[name](weight.q_packed, weight.scales, weight.zeros, weight.group, x_even, x_odd, xs, x_sums, y)
+    _GEMVS[name](weight.q_packed, weight.scales, weight.zeros, weight.group, np.ascontiguousarray(xq[0::2]),
+                 np.ascontiguousarray(xq[1::2]), xs, x_sums, y)
+    return y
+
+
+def gemv_int8(weight, xq: np.ndarray, xs: np.ndarray, name: str | None = None) -> np.ndarray:
+    """One token: an int8-g32 weight (QuantizedWeight) times activations xq [I] int8 (never -128) with scales
+    xs [ceil(I/32)] -> y [O] float32."""
+    name = name or instruction()
+    _check(name, weight, xq.shape[0], xs.shape[0])
+    y = np.empty(weight.shape[0], np.float32)
+    _GEMV8S[name](weight.q, weight.scales, np.ascontiguousarray(xq), np.ascontiguousarray(xs, np.float32), y)
     return y
 
 
 def linear_one_token(x: np.ndarray, weight) -> np.ndarray:
     """x [I] float32, quantized per group of 32 (as quant.quantize_activations, bit for bit), times an int4
-    weight -> [O]. Quantization and GEMV are one call into Numba: decode makes ~100 of these per token, and
-    NumPy's quantization plus the Python between calls cost as much as the GEMV of a small matrix."""
+    (QuantizedInt4Weight) or int8-g32 weight -> [O]. Quantization and GEMV are one call into Numba: decode
+    makes ~100 of these per token, and NumPy's quantization plus the Python between calls cost as much as
+    the GEMV of a small matrix."""
     name = instruction()
     if weight.shape[1] != x.shape[0]:
-        _check(name, weight, x.shape[0], (x.shape[0] // 32,))
-    y = np.empty(weight.shape[0], np.float32)
-    _TOKEN_GEMVS[name](np.ascontiguousarray(x, np.float32), weight.q_packed, weight.scales, weight.zeros,
-                       weight.group, y)
+        _check(name, weight, x.shape[0], -(-x.shape[0] // 32))
+    x, y = np.ascontiguousarray(x, np.float32), np.empty(weight.shape[0], np.float32)
+    if hasattr(weight, "q_packed"):
+        _TOKEN_GEMVS[name](x, weight.q_packed, weight.scales, weight.zeros, weight.group, y)
+    else:
+        _TOKEN_GEMV8S[name](x, weight.q, weight.scales, y)
     return y
-
