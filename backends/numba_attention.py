@@ -121,12 +121,8 @@ if njit is not None:
         D = q.shape[2]
         R, Rp, Dp = (t1 - t0) * G, _round_up((t1 - t0) * G, MT), _round_up(D, COLS)
         qs = np.zeros((Rp, Dp), np.float32)  # scaled queries
-        for r in range(R):
-            for d in range(D):
-                qs[r, d] = q[t0 + r // G, kv * G + r % G, d] * scale
-        acc = np.zeros((Rp, Dp), np.float32)  # weighted sums of values
-        row_max = np.full(Rp, EMPTY, np.float32)
-        denom = np.zeros(Rp, np.float32)
+        _gather_queries(q, scale, kv, G, t0, R, qs)
+        acc, row_max, denom = _running_sums(Rp, Dp)
         kt = np.zeros((Dp, KEY_BLOCK), np.float32)  # one block of keys, transposed
         vb = np.zeros((KEY_BLOCK, Dp), np.float32)  # the block's values
         p = np.zeros((Rp, KEY_BLOCK), np.float32)  # scores, then softmax weights
@@ -136,11 +132,7 @@ if njit is not None:
             n_cols = _round_up(n, COLS)
             _copy_block(k[s0:s0 + n, kv], v[s0:s0 + n, kv], kt, vb, n_cols)
             _matmul(qs, kt, p, Rp, n_cols, Dp, False)  # p[r, j] = qs[r] . k[s0 + j]
-            for r in range(Rp):
-                t = t0 + r // G
-                a = max(lo[t], s0) - s0 if r < R else 0
-                b = min(hi[t], s0 + n) - s0 if r < R else 0
-                _softmax_step(p[r], a, b, n_cols, acc[r], row_max, denom, r)
+            _softmax_rows(p, lo, hi, s0, n, n_cols, t0, G, R, acc, row_max, denom)
             _matmul(p, vb, acc, Rp, Dp, n_cols, True)  # acc[r, d] += sum_j p[r, j] v[s0 + j, d]
         _write_rows(acc, row_max, denom, kv, G, t0, R, out, lse)
 
@@ -150,12 +142,8 @@ if njit is not None:
         D = q.shape[2]
         R, Rp, Dp = (t1 - t0) * G, _round_up((t1 - t0) * G, MT), _round_up(D, COLS)
         qt = np.zeros((D, COLS), np.float32)  # scaled queries, transposed: row r is column r
-        for r in range(R):
-            for d in range(D):
-                qt[d, r] = q[t0 + r // G, kv * G + r % G, d] * scale
-        acc = np.zeros((Rp, Dp), np.float32)  # weighted sums of values
-        row_max = np.full(Rp, EMPTY, np.float32)
-        denom = np.zeros(Rp, np.float32)
+        _gather_queries(q, scale, kv, G, t0, R, qt.T)
+        acc, row_max, denom = _running_sums(Rp, Dp)
         pt = np.empty((KEY_BLOCK, COLS), np.float32)  # scores, keys x rows
         p = np.zeros((Rp, KEY_BLOCK), np.float32)  # the same, rows x keys, then softmax weights
         values_in_place = D % COLS == 0  # else a tile's last columns would read past the head
@@ -173,11 +161,7 @@ if njit is not None:
             for r in range(R):
                 for j in range(n):
                     p[r, j] = pt[j, r]
-            for r in range(Rp):
-                t = t0 + r // G
-                a = max(lo[t], s0) - s0 if r < R else 0
-                b = min(hi[t], s0 + n) - s0 if r < R else 0
-                _softmax_step(p[r], a, b, _round_up(n, COLS), acc[r], row_max, denom, r)
+            _softmax_rows(p, lo, hi, s0, n, _round_up(n, COLS), t0, G, R, acc, row_max, denom)
             if values_in_place:  # acc[r, d] += sum_j p[r, j] v[s0 + j, d]
                 _matmul_at(p.ctypes.data, p.strides[0], v[s0, kv].ctypes.data, vs, acc.ctypes.data, acc.strides[0],
                            Rp, Dp, n)
@@ -185,6 +169,27 @@ if njit is not None:
                 vb[:n, :D] = v[s0:s0 + n, kv]
                 _matmul(p, vb, acc, Rp, Dp, n, True)
         _write_rows(acc, row_max, denom, kv, G, t0, R, out, lse)
+
+    @njit(fastmath=FAST, cache=True)
+    def _gather_queries(q, scale, kv, G, t0, R, qs):
+        """qs[r, :D] = scale * query row r (position t0 + r // G, head kv * G + r % G)."""
+        for r in range(R):
+            for d in range(q.shape[2]):
+                qs[r, d] = q[t0 + r // G, kv * G + r % G, d] * scale
+
+    @njit(cache=True)
+    def _running_sums(Rp, Dp):
+        """(weighted sums of values [Rp, Dp], running maximum [Rp], softmax denominator [Rp]), all empty."""
+        return np.zeros((Rp, Dp), np.float32), np.full(Rp, EMPTY, np.float32), np.zeros(Rp, np.float32)
+
+    @njit(fastmath=FAST, cache=True)
+    def _softmax_rows(p, lo, hi, s0, n, n_cols, t0, G, R, acc, row_max, denom):
+        """One softmax step for every row of p over keys s0 .. s0+n-1 (the padding rows from R on see none)."""
+        for r in range(p.shape[0]):
+            t = t0 + r // G
+            a = max(lo[t], s0) - s0 if r < R else 0
+            b = min(hi[t], s0 + n) - s0 if r < R else 0
+            _softmax_step(p[r], a, b, n_cols, acc[r], row_max, denom, r)
 
     @njit(fastmath=FAST, cache=True)
     def _write_rows(acc, row_max, denom, kv, G, t0, R, out, lse):
