@@ -237,7 +237,7 @@ def gguf_bytes_per_token(path) -> int:
     from refqwen.checkpoint.gguf import open_gguf
 
     tensors = {t.name: t for t in open_gguf(path).tensors}
-    return int(sum(t.n_bytes for name, t in tensors.items() if len(t.dims) >= 2
+    return int(sum(t.n_bytes for name, t in tensors.items() if len(t.shape) >= 2
                    and not (name == "token_embd.weight" and "output.weight" in tensors)))
 
 

@@ -45,10 +45,10 @@ def test_gguf_bytes_per_token_counts_matrices_from_the_tensor_table():
     names = {t.name for t in tensors}
     expected = 0
     for t in tensors:  # bytes from element counts and the type's block size, not the reader's n_bytes
-        if len(t.dims) < 2 or (t.name == "token_embd.weight" and "output.weight" in names):
+        if len(t.shape) < 2 or (t.name == "token_embd.weight" and "output.weight" in names):
             continue
         block, size = gguf.GGML_QUANT_SIZES[t.qtype]
-        expected += int(np.prod(t.dims)) // block * size
+        expected += int(np.prod(t.shape)) // block * size
     assert expected > 0 and bench.gguf_bytes_per_token(path) == expected
 
 

@@ -7,7 +7,6 @@ Linear weight of ggml shape [in, out] arrives as the familiar [out, in].
 """
 
 import re
-from dataclasses import dataclass
 from functools import lru_cache, partial
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import gguf
 import numpy as np
 
 from refqwen.checkpoint import gguf_header
+from refqwen.checkpoint.gguf_header import GGUFTensor
 from refqwen.checkpoint.weights import LazyWeights, check_finite, check_shapes
 from refqwen.errors import RefqwenError, WeightsError
 from refqwen.model.config import LIMITS, Config
@@ -48,7 +48,7 @@ def open_gguf(path) -> gguf_header.GGUFHeader:
     """The key/values and tensor table of a GGUF file, read by a walk that checks every count it declares
     against the file first (refqwen/checkpoint/gguf_header.py)."""
     try:
-        return gguf_header.read_gguf_header(Path(path))
+        return gguf_header.read_header(Path(path))
     except WeightsError:
         raise
     except RefqwenError as e:  # not a regular file, ...
@@ -67,20 +67,10 @@ def load_gguf(path) -> tuple[Config, LazyWeights, Tokenizer | None]:
     return cfg, LazyWeights(readers, shapes), tokenizer
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    qtype: gguf.GGMLQuantizationType
-    shape: tuple[int, ...]  # NumPy order, outermost first
-    offset: int  # absolute byte offset of the data in the file
-    n_bytes: int
-
-
-def read_gguf_header(path) -> tuple[Config, list[TensorInfo], dict]:
+def read_gguf_header(path) -> tuple[Config, list[GGUFTensor], dict]:
     """The Config, where each tensor lies, and all key/values (read and checked by gguf_header)."""
     header = open_gguf(path)
-    tensors = [TensorInfo(t.name, t.qtype, tuple(reversed(t.dims)), t.offset, t.n_bytes) for t in header.tensors]
-    meta = header.meta
+    tensors, meta = header.tensors, header.meta
     by_name = {t.name: t for t in tensors}
     if "token_embd.weight" not in by_name:
         raise WeightsError(f"{path}: missing tensor token_embd.weight")
@@ -105,7 +95,7 @@ def _layer_index(name: str, path) -> int:
     return int(m.group(1))
 
 
-def dequantize(path, t: TensorInfo, start: int = 0, stop: int | None = None) -> np.ndarray:
+def dequantize(path, t: GGUFTensor, start: int = 0, stop: int | None = None) -> np.ndarray:
     """Read one tensor (or its rows start..stop-1) of any type the gguf package knows and widen it
     to float32, chunk by chunk, so temporary memory stays small even for the 151936-row embedding."""
     try:
@@ -135,7 +125,7 @@ class GGUFMatrix:
     `np.asarray(w)` the whole matrix. A backend that quantizes the 151936-row embedding slice by
     slice then never holds it in float32."""
 
-    def __init__(self, path, t: TensorInfo):
+    def __init__(self, path, t: GGUFTensor):
         self.path, self.t = path, t
         self.shape, self.ndim, self.dtype = t.shape, 2, np.dtype(np.float32)
 
@@ -150,11 +140,11 @@ class GGUFMatrix:
 
 
 @lru_cache(maxsize=3)  # a layer's gate, up and down stacks, while its experts are read one by one
-def _dequantize_stack(path, t: TensorInfo) -> np.ndarray:
+def _dequantize_stack(path, t: GGUFTensor) -> np.ndarray:
     return dequantize(path, t)
 
 
-def _hf_views(t: TensorInfo, path):
+def _hf_views(t: GGUFTensor, path):
     """(Hugging Face name, shape, reader) for the tensor or tensors one GGUF tensor holds."""
     if t.name in GLOBAL_NAMES:  # embedding and lm_head are read lazily, row slice by row slice
         read = partial(GGUFMatrix, path, t) if len(t.shape) == 2 else partial(dequantize, path, t)

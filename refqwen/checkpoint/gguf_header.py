@@ -41,8 +41,8 @@ STRING, ARRAY = 8, 9
 @dataclass(frozen=True)
 class GGUFTensor:
     name: str
-    dims: tuple[int, ...]  # ggml order, innermost first
     qtype: gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # NumPy order, outermost first (GGUF lists dimensions innermost first)
     offset: int  # absolute byte offset of the data in the file
     n_bytes: int
 
@@ -113,7 +113,7 @@ class _Walk:
         return values
 
 
-def read_gguf_header(path) -> GGUFHeader:
+def read_header(path) -> GGUFHeader:
     """The header of the GGUF file at `path`; WeightsError unless it is complete and within limits and
     every tensor it declares lies inside the file."""
     path = check_regular_file(path, "GGUF file")
@@ -122,11 +122,6 @@ def read_gguf_header(path) -> GGUFHeader:
             raise WeightsError(f"{path}: not a readable GGUF file: the file is empty")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
             return _read(_Walk(data, path))
-
-
-def check_gguf_header(path) -> None:
-    """Raise WeightsError unless the header is readable (before another reader trusts its counts)."""
-    read_gguf_header(path)
 
 
 def _read(w: _Walk) -> GGUFHeader:
@@ -158,7 +153,7 @@ def _read(w: _Walk) -> GGUFHeader:
         if data_start + t.offset + t.n_bytes > len(w.data):
             raise WeightsError(f"{w.path}: truncated GGUF file: tensor {t.name} ends at byte "
                                f"{data_start + t.offset + t.n_bytes}, file has {len(w.data)}")
-        tensors[i] = GGUFTensor(t.name, t.dims, t.qtype, data_start + t.offset, t.n_bytes)
+        tensors[i] = GGUFTensor(t.name, t.qtype, t.shape, data_start + t.offset, t.n_bytes)
     return GGUFHeader(meta, types, tensors)
 
 
@@ -192,4 +187,4 @@ def _tensor_info(w: _Walk) -> GGUFTensor:
     if n_bytes > len(w.data) or offset > len(w.data):
         raise WeightsError(f"{w.path}: truncated GGUF file: tensor {name} declares {n_bytes} bytes at offset "
                            f"{offset}, file has {len(w.data)}")
-    return GGUFTensor(name, tuple(dims), qtype, offset, n_bytes)
+    return GGUFTensor(name, qtype, tuple(reversed(dims)), offset, n_bytes)
