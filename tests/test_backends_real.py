@@ -28,13 +28,22 @@ INT4_BOUNDS = dict(min_top1=0.80, max_mean_kl=0.15, max_ppl_rel_diff=0.20)
 INT8_BOUNDS = dict(min_top1=MIN_TOP1, max_mean_kl=MAX_MEAN_KL, max_ppl_rel_diff=MAX_PPL_REL_DIFF)
 
 
+@pytest.fixture(scope="module")
+def demo_weights():
+    """The demo checkpoint's tensors, read and dequantized once for every backend here (as refqwen.load
+    reads them; test_cli and test_niah load through refqwen.load itself)."""
+    weights = open_checkpoint("demo", progress=False)[2]
+    return {name: weights[name] for name in weights}
+
+
 @pytest.mark.parametrize("name", NAMES)
-def test_backend_agrees_with_reference_on_real_weights(name, demo):
+def test_backend_agrees_with_reference_on_real_weights(name, demo, demo_weights):
     if name.endswith(HOST_MODE):
         ops = cupy_gpu.VARIANTS[name.removesuffix(HOST_MODE)](host=True)
-        model = refqwen.Model(demo.config, open_checkpoint("demo", progress=False)[2], demo.tokenizer, "demo", ops)
     else:
-        model = refqwen.load("demo", backend=name, progress=False)
+        ops = backends.get(name)
+    model = refqwen.Model(demo.config, demo_weights, demo.tokenizer, "demo", ops)
+    ops.warm_up()
     ids = demo.tokenizer.encode(open(textwrap.__file__, encoding="utf-8").read())[:256]
     result = agreement(demo, model, ids, window=256, progress=False)
     bounds = INT4_BOUNDS if getattr(model.ops, "layout", "").startswith("int4") else INT8_BOUNDS
