@@ -32,7 +32,7 @@ import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from refqwen import quant
-from refqwen.backends import int_gemv, numba_attention, numba_gemm, numba_math, vnni
+from refqwen.backends import int_gemv, numba_attention, numba_gemm, numba_math, numba_quant, vnni
 from refqwen.errors import WeightsError
 from refqwen.model.ops import Backend
 from refqwen.quant import QUANTIZED, QuantizedInt4Weight, QuantizedWeight
@@ -133,7 +133,7 @@ class NumbaInt8Backend(Backend):
                 raise WeightsError(f"{name} is {weight.scheme}; backend {self.name} runs "
                                    f"{', '.join(self.runs_schemes)} (load this checkpoint with numba-int8 or numpy)")
             return weight
-        return quant.quantize_scheme(weight, self.layout, name)
+        return numba_quant.quantize_scheme(weight, self.layout, name)  # quant.quantize_scheme's, in parallel
 
     def prepare_embedding(self, weight):
         return self.prepare_linear("model.embed_tokens.weight", weight)
@@ -202,7 +202,7 @@ class NumbaInt4Backend(NumbaInt8Backend):
     def convert_linear(self, name, weight):
         bits, group = quant.SCHEMES[self.layout]
         if bits == 4 and not isinstance(weight, QUANTIZED) and weight.shape[1] % group:
-            return quant.quantize_scheme(weight, "int8-g32", name)
+            return numba_quant.quantize_scheme(weight, "int8-g32", name)
         return super().convert_linear(name, weight)
 
 

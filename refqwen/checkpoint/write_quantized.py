@@ -14,6 +14,7 @@ from safetensors.numpy import save_file
 from tqdm import tqdm
 
 from refqwen import quant
+from refqwen.backends import numba_quant
 from refqwen.checkpoint.open import open_checkpoint
 from refqwen.checkpoint.quantized import SCALE_SUFFIX, SCHEMES, ZERO_SUFFIX, is_quantized_name, kept_names
 from refqwen.errors import RefqwenError
@@ -76,7 +77,7 @@ def quantize_tensor(name: str, w, scheme: str, floats=frozenset()) -> dict[str, 
     """The tensors stored for one source tensor: P.weight (+ P.weight_scale, P.weight_zero)."""
     if not is_quantized_name(name, w.shape) or name in floats:
         return {name: np.ascontiguousarray(w, np.float32)}
-    qw = quant.quantize_scheme(w, scheme, name)
+    qw = numba_quant.quantize_scheme(w, scheme, name)  # quant.quantize_scheme's integers, in parallel
     if isinstance(qw, quant.QuantizedInt4Weight):
         return {name: qw.q_packed, name + SCALE_SUFFIX: qw.scales, name + ZERO_SUFFIX: qw.zeros}
     return {name: qw.q, name + SCALE_SUFFIX: qw.scales}
