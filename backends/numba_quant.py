@@ -23,22 +23,30 @@ except ImportError:  # the Numba backends report it (unavailable_reason)
     njit = None
 
 
-def quantize_scheme(w: np.ndarray, scheme: str, name: str = "weight"):
-    """w [R, I] float -> the QuantizedWeight or QuantizedInt4Weight quant.quantize_scheme(w, scheme) returns."""
+def quantize_scheme(w, scheme: str, name: str = "weight", rows_per_chunk: int = 4096):
+    """w [R, I] float -> the QuantizedWeight or QuantizedInt4Weight quant.quantize_scheme(w, scheme) returns.
+    Rows are read in chunks, as the reference reads them: a GGUF embedding (checkpoint/gguf.GGUFMatrix)
+    is dequantized a chunk at a time and never held whole in float32."""
     if scheme not in quant.SCHEMES or njit is None:
         return quant.quantize_scheme(w, scheme, name)  # its error names the schemes
     bits, group = quant.SCHEMES[scheme]
-    w = np.ascontiguousarray(w, np.float32)  # [R, I]; a float32 memory map is read in place
     R, I = w.shape
-    if bits == 8:  # group None: per channel, one group per row
+    if bits == 4:
+        quant.check_group(I, group, name)
+        packed, scales, zeros = np.empty((R, I // 2), np.uint8), np.empty((R, I // group), np.float32), \
+            np.empty((R, I // group), np.uint8)
+    else:  # group None: per channel, one group per row
         q, scales = np.empty((R, I), np.int8), np.empty((R, -(-I // (group or I))), np.float32)
-        _int8_rows(w, group or I, q, scales)
-        return quant.QuantizedWeight(q, scales if group else scales[:, 0])
-    quant.check_group(I, group, name)
-    packed, scales, zeros = np.empty((R, I // 2), np.uint8), np.empty((R, I // group), np.float32), \
-        np.empty((R, I // group), np.uint8)
-    _int4_rows(w, group, packed, scales, zeros)
-    return quant.QuantizedInt4Weight(packed, scales, zeros, group)
+    for r0 in range(0, R, rows_per_chunk):
+        rows = np.ascontiguousarray(w[r0:r0 + rows_per_chunk], np.float32)  # a float32 memory map: in place
+        r1 = r0 + len(rows)
+        if bits == 4:
+            _int4_rows(rows, group, packed[r0:r1], scales[r0:r1], zeros[r0:r1])
+        else:
+            _int8_rows(rows, group or I, q[r0:r1], scales[r0:r1])
+    if bits == 4:
+        return quant.QuantizedInt4Weight(packed, scales, zeros, group)
+    return quant.QuantizedWeight(q, scales if group else scales[:, 0])
 
 
 if njit is not None:

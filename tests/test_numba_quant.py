@@ -75,3 +75,24 @@ def test_errors_are_the_references():
         with pytest.raises(RefqwenError) as got:
             numba_quant.quantize_scheme(w, scheme, "layers.0.mlp.up_proj.weight")
         assert str(got.value) == str(expected.value)
+
+
+class RowsOnDemand:
+    """A matrix read a slice of rows at a time, as checkpoint/gguf.GGUFMatrix dequantizes an embedding."""
+
+    def __init__(self, w):
+        self.w, self.shape, self.largest = w, w.shape, 0
+
+    def __getitem__(self, rows):
+        part = self.w[rows]
+        self.largest = max(self.largest, len(part))
+        return part
+
+
+@pytest.mark.parametrize("scheme", ["int8-g32", "int4-g32"])
+def test_rows_are_read_in_chunks(scheme):
+    """A 545 MB float32 embedding is never held whole while it is quantized (the peak RSS of a load)."""
+    w = np.random.default_rng(1).standard_normal((1000, 64)).astype(np.float32)
+    source = RowsOnDemand(w)
+    assert_same(numba_quant.quantize_scheme(source, scheme, rows_per_chunk=96), quant.quantize_scheme(w, scheme))
+    assert source.largest == 96
