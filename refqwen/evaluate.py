@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from refqwen.errors import RefqwenError
 from refqwen.perplexity import scored_logits, token_ids, token_nll
 
 # The fixed evaluation corpus: sources every CPython 3.11 ships, concatenated in this order
@@ -46,13 +47,40 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
+@dataclass(frozen=True)
+class ScoredReference:
+    """A reference model's logits on one text, window by window, computed once to compare several candidates
+    with: pass it to `agreement` as the reference. Holds V floats per scored token (151,936 for Qwen2: 155 MB
+    for 256 tokens), so it suits short texts; `agreement` with the model itself recomputes them instead."""
+    model: object
+    ids: np.ndarray
+    window: int
+    stride: int
+    pieces: tuple  # (logits [n, V], targets [n]) per scored piece, as perplexity.scored_logits yields them
+
+
+def score_reference(model, text_or_ids, window: int = 512, stride: int | None = None,
+                    progress: bool = True) -> ScoredReference:
+    ids = token_ids(model, text_or_ids, window, stride)
+    stride = stride or window
+    return ScoredReference(model, ids, window, stride,
+                           tuple(scored_logits(model, ids, window, stride, progress, desc="reference")))
+
+
 def agreement(reference, candidate, text_or_ids, window: int = 512, stride: int | None = None,
               progress: bool = True) -> Agreement:
-    ids = token_ids(reference, text_or_ids, window, stride)
+    """How far candidate is from reference (a model, or a ScoredReference of the same ids, window and stride)."""
+    scored = reference if isinstance(reference, ScoredReference) else None
+    ids = token_ids(scored.model if scored else reference, text_or_ids, window, stride)
     stride = stride or window
+    if scored and ((window, stride) != (scored.window, scored.stride) or not np.array_equal(ids, scored.ids)):
+        raise RefqwenError(f"agreement: the reference was scored on {len(scored.ids)} ids with window "
+                           f"{scored.window} and stride {scored.stride}, not these {len(ids)} ids with window "
+                           f"{window} and stride {stride}")
+    reference_pieces = scored.pieces if scored else scored_logits(reference, ids, window, stride, progress,
+                                                                  desc="reference")
     same, kl, nll_ref, nll_cand = [], [], [], []
-    pieces = zip(scored_logits(reference, ids, window, stride, progress, desc="reference"),
-                 scored_logits(candidate, ids, window, stride, False))
+    pieces = zip(reference_pieces, scored_logits(candidate, ids, window, stride, False))
     for (ref_logits, targets), (cand_logits, _) in pieces:
         same.append(ref_logits.argmax(-1) == cand_logits.argmax(-1))
         log_p, log_q = log_softmax(ref_logits), log_softmax(cand_logits)

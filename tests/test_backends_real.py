@@ -8,7 +8,7 @@ import refqwen
 from refqwen import backends
 from refqwen.backends import cupy_gpu
 from refqwen.checkpoint.open import open_checkpoint
-from refqwen.evaluate import agreement
+from refqwen.evaluate import agreement, score_reference
 
 HOST_MODE = " (host mode)"  # the cupy backends' array logic and kernel twins on NumPy: tests/test_backends.py
 NAMES = ([name for name, why in backends.available().items() if why is None and name != "numpy"]
@@ -36,16 +36,26 @@ def demo_weights():
     return {name: weights[name] for name in weights}
 
 
+@pytest.fixture(scope="module")
+def text_ids(demo):
+    return demo.tokenizer.encode(open(textwrap.__file__, encoding="utf-8").read())[:256]
+
+
+@pytest.fixture(scope="module")
+def reference(demo, text_ids):
+    """The float32 reference's logits on the text, computed once for every backend here."""
+    return score_reference(demo, text_ids, window=256, progress=False)
+
+
 @pytest.mark.parametrize("name", NAMES)
-def test_backend_agrees_with_reference_on_real_weights(name, demo, demo_weights):
+def test_backend_agrees_with_reference_on_real_weights(name, demo, demo_weights, reference, text_ids):
     if name.endswith(HOST_MODE):
         ops = cupy_gpu.VARIANTS[name.removesuffix(HOST_MODE)](host=True)
     else:
         ops = backends.get(name)
     model = refqwen.Model(demo.config, demo_weights, demo.tokenizer, "demo", ops)
     ops.warm_up()
-    ids = demo.tokenizer.encode(open(textwrap.__file__, encoding="utf-8").read())[:256]
-    result = agreement(demo, model, ids, window=256, progress=False)
+    result = agreement(reference, model, text_ids, window=256, progress=False)
     bounds = INT4_BOUNDS if getattr(model.ops, "layout", "").startswith("int4") else INT8_BOUNDS
     assert result.top1_agreement >= bounds["min_top1"]
     assert result.mean_kl <= bounds["max_mean_kl"]
