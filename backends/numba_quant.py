@@ -1,10 +1,10 @@
 """The reference's weight quantizers (refqwen/quant.py), bit for bit, as parallel Numba loops.
 
-A load quantizes every matrix of a float checkpoint: ~500 million weights for the demo model. NumPy's
-version of the same arithmetic makes float temporaries the size of each chunk and passes over them a dozen
-times (measured on this project's 2-core machine: ~6 ns a weight for int8-g32, ~12 ns for int4-g32, so 3-6 s
-of a numba-int8 load and 6-12 s of a numba-int4 one); here each group of 32 is read once, rounded in
-registers and written, in both threads.
+A load quantizes every matrix of a float checkpoint: 630 million weights for the demo model (embedding and
+untied lm_head included). NumPy's version of the same arithmetic makes float temporaries the size of each
+chunk and passes over them a dozen times (`python tools/bench_quantize.py` on this project's 2-core machine:
+~12 ns a weight for int8-g32, ~28 ns for int4-g32, so ~7.6 s of a numba-int8 load and ~17 s of a numba-int4
+one); here each group is read once, rounded in registers and written, in both threads (1.6 and 2.2 ns).
 
 The arithmetic is the reference's, step for step, so the integers and scales are identical (the tests
 compare them with np.array_equal): int8 in float32 (max |w| / 127, w / s rounded half to even, clipped to

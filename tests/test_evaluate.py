@@ -23,8 +23,7 @@ def test_a_scored_reference_refuses_other_ids_window_or_stride(change):
     model = refqwen.tiny_model()
     ids = np.random.default_rng(0).integers(0, 128, 60)
     scored = score_reference(model, ids, window=32, stride=16, progress=False)
-    args = dict(text_or_ids=ids, window=32, stride=16)
-    args[{"ids": "text_or_ids", "window": "window", "stride": "stride"}[change]] = \
-        {"ids": ids[:-1], "window": 24, "stride": 8}[change]
+    other = {"ids": dict(text_or_ids=ids[:-1]), "window": dict(window=24), "stride": dict(stride=8)}[change]
+    args = {**dict(text_or_ids=ids, window=32, stride=16), **other}
     with pytest.raises(RefqwenError, match="the reference was scored on 60 ids with window 32 and stride 16"):
         agreement(scored, model, progress=False, **args)
