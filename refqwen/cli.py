@@ -97,10 +97,15 @@ def cmd_chat(args):
 
 
 def cmd_info(args):
+    from refqwen import backends
     from refqwen.info import describe
+    from refqwen.loading import open_model
 
-    model = _load(args)
-    report = describe(model, args.context)
+    backends.get(args.backend)  # an unknown backend is an error here too
+    # the config and the checkpoint's tensor names and shapes only: no weight is read (a 72B model's
+    # report must not need its 290 GB of float32)
+    path, cfg, _, _ = open_model(args.model, progress=True, **_rope_override(args))
+    report = describe(cfg, str(path), args.backend, args.context)
     print(json.dumps(report, indent=2) if args.json else _format_info(report))
 
 

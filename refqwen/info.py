@@ -4,8 +4,9 @@ from refqwen.backends.cupy_gpu import VARIANTS, bytes_needed
 from refqwen.checkpoint.weights import parameter_counts
 
 
-def describe(model, context: int | None = None) -> dict:
-    cfg = model.config
+def describe(cfg, source: str, backend: str, context: int | None = None) -> dict:
+    """The report of a model of config `cfg` read from `source`, for `backend` and a `context`-token cache
+    (default: the model's maximum)."""
     context = context or cfg.max_position_embeddings
     params = parameter_counts(cfg)
     weight_bytes = 4 * params["total"]  # float32
@@ -14,7 +15,7 @@ def describe(model, context: int | None = None) -> dict:
     config.update(rope_scaling=vars(cfg.rope_scaling) if cfg.rope_scaling else None, head_dim=cfg.head_dim,
                   kv_group_size=cfg.kv_group_size, sparse_layers=sorted(cfg.sparse_layers),
                   sliding_layers=sorted(cfg.sliding_layers), rope_attention_factor=cfg.rope_attention_factor)
-    return dict(source=model.source, backend=model.backend, dtype="float32", config=config, parameters=params,
+    return dict(source=source, backend=backend, dtype="float32", config=config, parameters=params,
                 memory=dict(context_tokens=context, weights_gib=weight_bytes / 2**30, kv_cache_gib=kv_bytes / 2**30,
                             total_gib=(weight_bytes + kv_bytes) / 2**30, gpu_gib=gpu_memory_gib(cfg, context)))
 

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from gguf_writer import without_vocabulary
 from oracle import TINY_MOE, build_hf_model, random_weights
 
 torch.set_num_threads(2)
@@ -58,14 +59,19 @@ def demo():
 
 
 @pytest.fixture(scope="session")
-def hf():
-    """(tokenizer, model) of transformers loading the same demo GGUF, dequantized to float32."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+def hf(tmp_path_factory):
+    """(tokenizer, model) of transformers loading the same demo GGUF, dequantized to float32, as
+    `refqwen compare --against transformers` loads it (hf_trace.load_transformers), once per session.
+    The model is read from a copy without the vocabulary (gguf_writer.without_vocabulary: the same keys
+    and tensors, 40 s less); the tokenizer from the file itself."""
+    from transformers import AutoTokenizer
 
     from refqwen.checkpoint.demo import demo_path
+    from refqwen.hf_trace import load_transformers
 
     path = demo_path(progress=False)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
-                                                 quantization_config=GgufConfig(dequantize=True))
-    return tokenizer, model.eval()
+    copy = tmp_path_factory.mktemp("demo-without-vocabulary") / path.name
+    without_vocabulary(path, copy)
+    model = load_transformers(copy)
+    copy.unlink()
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name), model

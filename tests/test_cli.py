@@ -1,10 +1,13 @@
 """The refqwen command end to end, through subprocesses, as a user runs it."""
 
+import io
 import json
 import subprocess
 import sys
 
 import pytest
+
+from refqwen import cli
 
 
 def refqwen(*args, stdin=None, check=True):
@@ -20,33 +23,48 @@ def test_generate_streams_the_same_text_as_the_api(demo):
     assert out == demo.generate("def add(a, b):", max_new_tokens=12) + "\n"
 
 
-def test_generate_chat_with_sampling_flags(demo):
+@pytest.fixture
+def cli_on_demo(demo, monkeypatch, capsys):
+    """refqwen's main() in this process on the session's demo model: the command's own logic (flags,
+    the chat loop, output) without a 15 s load per test; the load itself is run by the subprocess tests."""
+
+    def run(*args, stdin=""):
+        monkeypatch.setattr(cli, "_load", lambda parsed: demo)
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        capsys.readouterr()
+        assert cli.main(list(args)) == 0
+        return capsys.readouterr().out
+
+    return run
+
+
+def test_generate_chat_with_sampling_flags(demo, cli_on_demo):
     args = ["--max-new-tokens", "10", "--temperature", "0.8", "--top-p", "0.9", "--seed", "5"]
-    out = refqwen("generate", "Name a planet.", "--chat", *args).stdout
+    out = cli_on_demo("generate", "Name a planet.", "--chat", *args)
     expected = demo.generate([{"role": "user", "content": "Name a planet."}], max_new_tokens=10, temperature=0.8,
                              top_p=0.9, seed=5)
     assert out == expected + "\n"
 
 
-def test_chat_through_a_pipe(demo):
+def test_chat_through_a_pipe(demo, cli_on_demo):
     turns = "What is 2+2? Answer with a number.\n/reset\nWhat is 3+3? Answer with a number.\n/exit\nignored\n"
-    done = refqwen("chat", "--max-new-tokens", "8", stdin=turns)
-    lines = done.stdout.splitlines()
+    lines = cli_on_demo("chat", "--max-new-tokens", "8", stdin=turns).splitlines()
     first = demo.generate([{"role": "user", "content": "What is 2+2? Answer with a number."}], max_new_tokens=8)
     second = demo.generate([{"role": "user", "content": "What is 3+3? Answer with a number."}], max_new_tokens=8)
     assert lines == [*first.splitlines(), "(conversation reset)", *second.splitlines()]
 
 
-def test_chat_keeps_history(demo):
+def test_chat_keeps_history(demo, cli_on_demo):
     turns = "My name is Ada.\nWhat is my name?\n"  # ends with EOF, like Ctrl-D
-    lines = refqwen("chat", "--max-new-tokens", "12", stdin=turns).stdout
+    out = cli_on_demo("chat", "--max-new-tokens", "12", stdin=turns)
     first = demo.generate([{"role": "user", "content": "My name is Ada."}], max_new_tokens=12)
     history = [{"role": "user", "content": "My name is Ada."}, {"role": "assistant", "content": first},
                {"role": "user", "content": "What is my name?"}]
-    assert lines == first + "\n" + demo.generate(history, max_new_tokens=12) + "\n"
+    assert out == first + "\n" + demo.generate(history, max_new_tokens=12) + "\n"
 
 
 def test_info_json():
+    # a subprocess: info reads the config and the tensors' shapes, no weight (a few seconds for the demo)
     report = json.loads(refqwen("info", "--json", "--context", "4096").stdout)
     assert report["config"]["hidden_size"] == 896
     assert report["parameters"]["total"] == 630_167_424  # untied: embedding and lm_head both counted
@@ -59,9 +77,20 @@ def test_info_json():
     assert report["memory"]["gpu_gib"]["cupy-f16"] == pytest.approx((expected + matrices * (1 - 4 / 32)) / 2**30)
 
 
-def test_ppl(tmp_path):
+def test_info_reads_no_weight(monkeypatch, capsys):
+    from refqwen.checkpoint.weights import LazyWeights
+
+    def refuse(self, name):
+        raise AssertionError(f"info read {name}")
+
+    monkeypatch.setattr(LazyWeights, "__getitem__", refuse)
+    assert cli.main(["info", "--yarn", "4"]) == 0
+    assert "rope_scaling" in capsys.readouterr().out
+
+
+def test_ppl(tmp_path, cli_on_demo):
     (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 8)
-    report = json.loads(refqwen("ppl", str(tmp_path / "text.txt"), "--window", "32").stdout)
+    report = json.loads(cli_on_demo("ppl", str(tmp_path / "text.txt"), "--window", "32"))
     assert report["tokens"] > 40 and report["perplexity"] > 1 and report["window"] == 32
 
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from oracle import CONFIGS, LOGITS_ATOL, build_hf_model, random_weights, tiny_config
 
 import refqwen
-from refqwen import RefqwenError, Trace, compare, trace
+from refqwen import RefqwenError, Trace, cli, compare, hf_trace, trace
 from refqwen.hf_trace import trace_transformers
 from refqwen.model.ops import Backend
 from refqwen.trace import point_names
@@ -130,27 +130,35 @@ def refqwen_cli(*args):
                           timeout=600, check=False)
 
 
-def test_cli_exit_status(tiny_hf, tmp_path):
+def test_cli_exit_status(tiny_hf, tmp_path, capsys):
     folder = str(tiny_hf("moe-step1")[1])
     done = refqwen_cli("--model", folder, "--ids", "1,2,3,4", "--against", "numpy", "--json", str(tmp_path / "r.json"))
     assert done.returncode == 0, done.stderr
     assert "all 99 trace points within tolerance" in done.stdout
     assert json.loads((tmp_path / "r.json").read_text())["ok"] is True
-    exceeded = refqwen_cli("--model", folder, "--ids", "1,2,3,4", "--against", "transformers", "--atol", "0",
-                           "--rtol", "0", "--names", "layers.3.*", "--names", "logits")
-    assert exceeded.returncode == 1 and "first divergence: layers.3." in exceeded.stdout
+    # the rest in this process: a subprocess importing transformers takes ~10 s
+    capsys.readouterr()
+    assert cli.main(["compare", "--model", folder, "--ids", "1,2,3,4", "--against", "transformers", "--atol", "0",
+                     "--rtol", "0", "--names", "layers.3.*", "--names", "logits"]) == 1
+    assert "first divergence: layers.3." in capsys.readouterr().out
     for args, message in [(["--names", "layers.7.*", "--ids", "1"], "'layers.7.*' matches no trace point"),
                           (["--prompt", "hi"], "has no tokenizer; give token ids with --ids"),
                           (["--ids", "1,x"], "--ids: expected comma-separated token ids"),
                           (["--ids", "1", "--against", "nope"], "unknown backend 'nope'")]:
-        bad = refqwen_cli("--model", folder, *args)
-        assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+        capsys.readouterr()
+        assert cli.main(["compare", "--model", folder, *args]) == 2
+        last = capsys.readouterr().err.rstrip("\n").split("\n")[-1]  # after a progress bar, if loading began
+        assert last.startswith("refqwen: error: ") and message in last, last
 
 
-def test_cli_demo_against_transformers(demo, tmp_path):
-    done = refqwen_cli("--against", "transformers", "--prompt", "def fib(n):", "--names", "layers.2*.*",
-                       "--names", "logits", "--json", str(tmp_path / "r.json"))
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+def test_cli_demo_against_transformers(demo, hf, tmp_path, monkeypatch, capsys):
+    # in this process, on the session's demo and transformers models (each load is a minute in a
+    # subprocess; the loads themselves: the subprocess tests above and the `hf` fixture)
+    monkeypatch.setattr(cli, "_load", lambda args: demo)
+    monkeypatch.setattr(hf_trace, "load_transformers", lambda source: hf[1] if source == demo.source else None)
+    status = cli.main(["compare", "--against", "transformers", "--prompt", "def fib(n):", "--names", "layers.2*.*",
+                       "--names", "logits", "--json", str(tmp_path / "r.json")])
+    assert status == 0, capsys.readouterr().out[-3000:]
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["a"]["ids"] == demo.tokenizer.encode("def fib(n):") and report["b"]["backend"] == "transformers"
     points = [p["name"] for p in report["points"]]
