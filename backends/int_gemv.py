@@ -52,6 +52,8 @@ try:
     from numba import njit, prange, types
     from numba.core import cgutils
     from numba.extending import intrinsic
+
+    from refqwen.backends.prefetch import emit_prefetch
 except ImportError:  # the Numba backends report it (unavailable_reason)
     njit = None
 
@@ -165,6 +167,7 @@ if njit is not None:
                 nibble = ir.Constant(I8x32, [15] * 32)
                 with cgutils.for_range(builder, steps) as loop:
                     offset = builder.mul(loop.index, ir.Constant(I64, STEP_BYTES))
+                    emit_prefetch(builder, builder.add(packed, offset))  # backends/prefetch.py
                     q = _load(builder, packed, offset, I8x32)
                     low = builder.and_(q, nibble)  # even columns
                     high = builder.and_(builder.lshr(q, ir.Constant(I8x32, [4] * 32)), nibble)  # odd columns
@@ -195,6 +198,7 @@ if njit is not None:
                 acc = cgutils.alloca_once_value(builder, ir.Constant(F32x8, None))
                 with cgutils.for_range(builder, steps) as loop:
                     offset = builder.mul(loop.index, ir.Constant(I64, 32))
+                    emit_prefetch(builder, builder.add(q, offset))
                     p = signed_pairs(builder, _load(builder, q, offset, I8x32), _load(builder, xq, offset, I8x32))
                     dots = builder.sitofp(quads(builder, p), F32x8)  # each lane: 4 columns, exact
                     at = builder.mul(loop.index, ir.Constant(I64, 4))

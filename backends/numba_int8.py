@@ -40,6 +40,8 @@ from refqwen.quant import QUANTIZED, QuantizedInt4Weight, QuantizedWeight
 try:
     import numba
     from numba import njit, prange
+
+    from refqwen.backends.prefetch import prefetch
 except ImportError:  # reported by unavailable_reason()
     numba = None
 
@@ -301,6 +303,9 @@ if numba is not None:
         """q [O, I] int8, scales [O], x [I] -> y [O]"""
         O, I = q.shape
         for o in prange(O):
+            row = np.int64(q.ctypes.data) + o * q.strides[0]
+            for k in range(0, I, 64):  # the lines AHEAD bytes on, one row's worth (backends/prefetch.py)
+                prefetch(row + k)
             acc = np.float32(0)
             for j in range(I):
                 acc += np.float32(q[o, j]) * x[j]
@@ -312,8 +317,10 @@ if numba is not None:
         O, I = q.shape
         full = I // 32
         for o in prange(O):
+            row = np.int64(q.ctypes.data) + o * q.strides[0]
             lanes = np.zeros(32, np.float32)
             for g in range(full):
+                prefetch(row + g * 32)  # AHEAD bytes on (backends/prefetch.py)
                 s = scales[o, g]
                 for j in range(32):
                     lanes[j] += np.float32(q[o, g * 32 + j]) * x[g * 32 + j] * s
@@ -333,8 +340,10 @@ if numba is not None:
         G = scales.shape[1]
         half = group // 2
         for o in prange(O):
+            row = np.int64(packed.ctypes.data) + o * packed.strides[0]
             lanes = np.zeros(half, np.float32)
             for g in range(G):
+                prefetch(row + g * half)  # AHEAD bytes on (backends/prefetch.py)
                 s = scales[o, g]
                 z = np.float32(zeros[o, g])
                 base = g * half

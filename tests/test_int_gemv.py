@@ -178,3 +178,29 @@ def int64_reference_int8(q, ws, xq, xs):
         exact += (q[:, cols].astype(np.int64) @ xq[cols].astype(np.int64)) * scale
         magnitude += (np.abs(q[:, cols].astype(np.int64)) @ np.abs(xq[cols].astype(np.int64))) * np.abs(scale)
     return exact, magnitude
+
+
+def test_decode_gemvs_prefetch_their_weights(tmp_path):
+    """The decode GEMVs issue software prefetches (backends/prefetch.py) in their compiled loops: the int8
+    and int4 GEMVs here and numba-int8's float one, compiled afresh in a child process (Numba shows no
+    assembly of cached code)."""
+    script = textwrap.dedent("""
+        import numpy as np
+        from refqwen.backends import int_gemv, numba_int8
+        from refqwen.quant import QuantizedInt4Weight, QuantizedWeight
+
+        w8 = QuantizedWeight(np.ones((4, 64), np.int8), np.ones((4, 2), np.float32))
+        w4 = QuantizedInt4Weight(np.ones((4, 32), np.uint8), np.ones((4, 2), np.float32),
+                                 np.zeros((4, 2), np.uint8), 32)
+        x, y = np.ones(64, np.float32), np.empty(4, np.float32)
+        int_gemv.linear_one_token(x, w8), int_gemv.linear_one_token(x, w4)
+        numba_int8.gemv_g32(w8.q, w8.scales, x, y)
+        name = int_gemv.instruction()
+        for f in (int_gemv._GEMV8S[name], int_gemv._GEMVS[name], numba_int8.gemv_g32):
+            print(min(asm.count("prefetcht0") for asm in f.inspect_asm().values()))
+    """)
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))  # nothing cached: compiled here, inspectable
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    counts = [int(n) for n in done.stdout.split()]
+    assert len(counts) == 3 and min(counts) >= 1, counts
