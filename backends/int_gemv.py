@@ -1,6 +1,7 @@
-"""Decode GEMVs with int8 activations, one token at a time: int4 x int8 (numba-w4a8) and int8 x int8
-(numba-w8a8). The token's activations are quantized per group of 32 (xq int8, scales xs; bit for bit
-quant.quantize_activations) and every group's dot product is summed exactly in int32.
+"""Decode GEMVs over integer weights, one token at a time, as LLVM IR: int4 x int8 (numba-w4a8), int8 x int8
+(numba-w8a8), and int8 x float32 (numba-int8; at the end). For the first two the token's activations are
+quantized per group of 32 (xq int8, scales xs; bit for bit quant.quantize_activations) and every group's dot
+product is summed exactly in int32.
 
 int4 x int8:
 
@@ -36,6 +37,15 @@ step is one group of 32: ~8 instructions per 32 weights against ~16 for float ac
 The same steps in generic LLVM vector IR (widen to int16, multiply, add adjacent pairs; `instruction="generic"`)
 compute the same integers, hence bit for bit the same result, on any CPU; the AVX2 instructions are used only
 where `llvmlite.binding.get_host_cpu_features()` reports avx2 (LLVM could not even select them elsewhere).
+
+int8 x float32 (int8-g32 weights, numba-int8's float activations):
+
+    y[o] = sum_g ws[o, g] sum_{j in g} q[o, j] x[j]
+
+per group: the 32 weights widened to float, the four 8-lane products with x summed by multiply-adds, then
+one multiply-add by the group's scale into the row's 8 accumulators: 13 vector instructions per 32
+weights, where a plain Numba loop scaled every product (16) and kept its 32 lanes in memory. In float32,
+summed in another order than the reference's (as every float GEMV here).
 """
 
 import functools
@@ -84,6 +94,7 @@ if njit is not None:
         ir.VectorType(ir.IntType(16), 32)
     I32x8, I32x16, F32x2, F32x8 = ir.VectorType(ir.IntType(32), 8), ir.VectorType(ir.IntType(32), 16), \
         ir.VectorType(ir.FloatType(), 2), ir.VectorType(ir.FloatType(), 8)
+    F32x32 = ir.VectorType(ir.FloatType(), 32)
     I64 = ir.IntType(64)
 
     def _indices(values):
@@ -212,6 +223,37 @@ if njit is not None:
 
         return row_dot
 
+    def make_float_row_dot():
+        """The intrinsic  sum_g ws[g] sum_{j in g} q[j] x[j]  over `steps` whole groups of 32 of one int8 row
+        and float32 activations x (float32); arguments are the addresses of q, ws, x."""
+
+        @intrinsic
+        def row_dot(typingctx, q, ws, x, steps):
+            sig = types.float32(*([types.int64] * 4))
+
+            def codegen(context, builder, signature, args):
+                q, ws, x, steps = args
+                acc = cgutils.alloca_once_value(builder, ir.Constant(F32x8, None))
+                with cgutils.for_range(builder, steps) as loop:
+                    offset = builder.mul(loop.index, ir.Constant(I64, 32))
+                    emit_prefetch(builder, builder.add(q, offset))
+                    w = builder.sitofp(_load(builder, q, offset, I8x32), F32x32)
+                    v = _load(builder, x, builder.mul(offset, ir.Constant(I64, 4)), F32x32, 4)
+                    dot = None
+                    for k in range(4):  # the group's four 8-lane quarters, summed by multiply-adds
+                        lanes = _indices(range(8 * k, 8 * k + 8))
+                        part = builder.fmul(builder.shuffle_vector(w, w, lanes), builder.shuffle_vector(v, v, lanes),
+                                            flags=("contract",))
+                        dot = part if dot is None else builder.fadd(dot, part, flags=("contract",))
+                    scale = _load(builder, ws, builder.mul(loop.index, ir.Constant(I64, 4)), ir.FloatType(), 4)
+                    term = builder.fmul(dot, _splat(builder, scale), flags=("contract",))
+                    builder.store(builder.fadd(builder.load(acc), term, flags=("contract",)), acc)
+                return _lane_sum(builder, builder.load(acc))
+
+            return sig, codegen
+
+        return row_dot
+
     @njit(inline="always", cache=True)
     def _group_scale(chunk):
         """max |x| / 127 of a group, rounded as quant.quantize rounds it."""
@@ -306,6 +348,18 @@ if njit is not None:
         quantize_row(x, xq, xs)
         gemv8_rows(q, ws, xq, xs, y)
 
+    float_row_dot = make_float_row_dot()
+
+    def gemvf_rows(q, ws, x, y):
+        """q [O, I] int8, ws [O, G] float32, x [I] float32 -> y [O]; the last group may be shorter."""
+        O, I = q.shape
+        full = I // 32
+        for o in prange(O):
+            total = float_row_dot(q[o].ctypes.data, ws[o].ctypes.data, x.ctypes.data, full)
+            for j in range(full * 32, I):
+                total += np.float32(q[o, j]) * x[j] * ws[o, full]
+            y[o] = total
+
     def _compile(function, name: str, **bound):
         """`function` compiled with the names in `bound` as its globals, under its own name. Plain functions
         with their own globals, not closures: Numba's disk cache does not keep closures (each process
@@ -323,6 +377,7 @@ if njit is not None:
         _TOKEN_GEMVS[_name] = _compile(gemv_token, _name, gemv_rows=_GEMVS[_name])
         _GEMV8S[_name] = _compile(gemv8_rows, _name, int8_row_dot=make_int8_row_dot(_signed, _quads))
         _TOKEN_GEMV8S[_name] = _compile(gemv8_token, _name, gemv8_rows=_GEMV8S[_name])
+    gemv_float_rows = _compile(gemvf_rows, "ir")  # generic IR: one version for any CPU
 
 
 def _check(name: str, weight, I: int, groups: int):
@@ -359,6 +414,16 @@ def gemv_int8(weight, xq: np.ndarray, xs: np.ndarray, name: str | None = None) -
     _check(name, weight, xq.shape[0], xs.shape[0])
     y = np.empty(weight.shape[0], np.float32)
     _GEMV8S[name](weight.q, weight.scales, np.ascontiguousarray(xq), np.ascontiguousarray(xs, np.float32), y)
+    return y
+
+
+def gemv_float(x: np.ndarray, weight) -> np.ndarray:
+    """One token: x [I] float32 times an int8-g32 weight (QuantizedWeight) -> y [O] float32 (numba-int8)."""
+    if weight.shape[1] != x.shape[0] or weight.scales.shape[1] != -(-x.shape[0] // 32):
+        raise RefqwenError(f"int_gemv: a weight of input {weight.shape[1]} and {weight.scales.shape[1]} group "
+                           f"scales does not match activations ({x.shape[0]},) in groups of 32")
+    y = np.empty(weight.shape[0], np.float32)
+    gemv_float_rows(weight.q, weight.scales, np.ascontiguousarray(x, np.float32), y)
     return y
 
 

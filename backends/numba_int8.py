@@ -81,7 +81,7 @@ class NumbaInt8Backend(Backend):
         """Compile the kernels (or load them from Numba's on-disk cache) before the first token."""
         q, x, y = np.ones((2, 40), np.int8), np.ones(40, np.float32), np.empty(2, np.float32)
         gemv_channel(q, np.ones(2, np.float32), x, y)
-        gemv_g32(q, np.ones((2, 2), np.float32), x, y)
+        int_gemv.gemv_float(x, quant.QuantizedWeight(q, np.ones((2, 2), np.float32)))
         packed, ones = np.ones((2, 16), np.uint8), np.ones((2, 1), np.float32)
         gemv_int4(packed, ones, np.ones((2, 1), np.uint8), 32, x[:16], x[16:32], y)
         if self.quantize_activations:
@@ -183,7 +183,7 @@ class NumbaInt8Backend(Backend):
             elif w.scales.ndim == 1:
                 gemv_channel(w.q, w.scales, x[t], y[t])
             else:
-                gemv_g32(w.q, w.scales, x[t], y[t])
+                y[t] = int_gemv.gemv_float(x[t], w)
         return y
 
 
@@ -289,9 +289,9 @@ class FusedProjections:
 
 # ---- kernels: y[o] = sum over the input of w[o, j] x[j], one output row per parallel task ---------
 # fastmath reassoc/contract lets LLVM vectorize the float sums (their order is not specified anyway).
-# Group-32 kernels keep 32 float lanes per row and apply each group's scale lane-wise: summing a
-# group to a scalar first forces a horizontal reduction per group, which LLVM leaves scalar
-# (measured: 3 GB/s against 40 GB/s for the lane-wise form on 2 cores).
+# The int4 kernel keeps its lanes per row and applies each group's scale lane-wise: summing a group to
+# a scalar first forces a horizontal reduction per group, which LLVM leaves scalar (measured: 3 GB/s
+# against 40 GB/s for the lane-wise form on 2 cores). int8-g32 weights: int_gemv.gemv_float (LLVM IR).
 
 FAST = {"reassoc", "contract"}
 FOUR_BITS, FOUR = np.int32(15), np.int32(4)  # typed constants keep the nibble arithmetic in int32
@@ -310,23 +310,6 @@ if numba is not None:
             for j in range(I):
                 acc += np.float32(q[o, j]) * x[j]
             y[o] = acc * scales[o]
-
-    @njit(parallel=True, fastmath=FAST, cache=True)
-    def gemv_g32(q, scales, x, y):
-        """q [O, I] int8, scales [O, G], x [I] -> y [O]; group g covers inputs 32g .. 32g+31"""
-        O, I = q.shape
-        full = I // 32
-        for o in prange(O):
-            row = np.int64(q.ctypes.data) + o * q.strides[0]
-            lanes = np.zeros(32, np.float32)
-            for g in range(full):
-                prefetch(row + g * 32)  # AHEAD bytes on (backends/prefetch.py)
-                s = scales[o, g]
-                for j in range(32):
-                    lanes[j] += np.float32(q[o, g * 32 + j]) * x[g * 32 + j] * s
-            for j in range(full * 32, I):  # a shorter last group
-                lanes[0] += np.float32(q[o, j]) * x[j] * scales[o, full]
-            y[o] = lanes.sum()
 
     @njit(parallel=True, fastmath=FAST, cache=True)
     def gemv_int4(packed, scales, zeros, group, x_even, x_odd, y):

@@ -180,13 +180,38 @@ def int64_reference_int8(q, ws, xq, xs):
     return exact, magnitude
 
 
+@settings(max_examples=60, deadline=None)
+@given(O=st.integers(1, 37), I=st.integers(1, 300), values=st.sampled_from(["random", "extremes"]),
+       scales=st.sampled_from(["ones", "random", "zeros", "subnormal"]), seed=st.integers(0, 2**31))
+def test_float_gemv_against_float64(O, I, values, scales, seed):
+    """numba-int8's int8 x float32 GEMV: any I (a shorter last group), weights -128..127, float activations.
+    Each weight's term meets at most I/32 + 8 roundings in the vector loop (product, quarter sums, scale,
+    accumulator, lane sum) or 32 + 3 in the shorter last group: within (I/32 + 40) * 2^-23 of the sum of
+    magnitudes, plus 2^-149 a rounding where the products are subnormal."""
+    rng = np.random.default_rng(seed)
+    G = -(-I // 32)
+    weight = quant.QuantizedWeight(draw_int8(rng, (O, I), values), draw_scales(rng, (O, G), scales))
+    x = rng.standard_normal(I).astype(np.float32) * np.float32(1e3 if values == "extremes" else 1)
+    y = int_gemv.gemv_float(x, weight)
+    terms = weight.q.astype(np.float64) * np.repeat(weight.scales.astype(np.float64), 32, axis=1)[:, :I] * x
+    assert y.shape == (O,) and y.dtype == np.float32
+    bound = (I / 32 + 40) * EPS32 * np.abs(terms).sum(axis=1) + (I + 40) * TINY
+    assert np.all(np.abs(y - terms.sum(axis=1)) <= bound)
+
+
+def test_float_gemv_refuses_a_mismatch():
+    weight = quant.QuantizedWeight(np.ones((2, 64), np.int8), np.ones((2, 2), np.float32))
+    with pytest.raises(RefqwenError, match="input 64 and 2 group scales does not match activations \\(65,\\)"):
+        int_gemv.gemv_float(np.ones(65, np.float32), weight)
+
+
 def test_decode_gemvs_prefetch_their_weights(tmp_path):
     """The decode GEMVs issue software prefetches (backends/prefetch.py) in their compiled loops: the int8
-    and int4 GEMVs here and numba-int8's float one, compiled afresh in a child process (Numba shows no
+    and int4 GEMVs and numba-int8's float one (all here), compiled afresh in a child process (Numba shows no
     assembly of cached code)."""
     script = textwrap.dedent("""
         import numpy as np
-        from refqwen.backends import int_gemv, numba_int8
+        from refqwen.backends import int_gemv
         from refqwen.quant import QuantizedInt4Weight, QuantizedWeight
 
         w8 = QuantizedWeight(np.ones((4, 64), np.int8), np.ones((4, 2), np.float32))
@@ -194,9 +219,9 @@ def test_decode_gemvs_prefetch_their_weights(tmp_path):
                                  np.zeros((4, 2), np.uint8), 32)
         x, y = np.ones(64, np.float32), np.empty(4, np.float32)
         int_gemv.linear_one_token(x, w8), int_gemv.linear_one_token(x, w4)
-        numba_int8.gemv_g32(w8.q, w8.scales, x, y)
+        int_gemv.gemv_float(x, w8)
         name = int_gemv.instruction()
-        for f in (int_gemv._GEMV8S[name], int_gemv._GEMVS[name], numba_int8.gemv_g32):
+        for f in (int_gemv._GEMV8S[name], int_gemv._GEMVS[name], int_gemv.gemv_float_rows):
             print(min(asm.count("prefetcht0") for asm in f.inspect_asm().values()))
     """)
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))  # nothing cached: compiled here, inspectable

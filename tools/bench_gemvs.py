@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """One decode token's GEMVs (all 24 layers of the demo's shapes and its output matrix, random weights, out of
 cache) against the read bandwidth probed in the same process; optionally against another version of
-backends/int_gemv.py, alternated with this tree's.
+backends/int_gemv.py (for --kind float-int8, of backends/numba_int8.py before 2026-12-01, whose gemv_g32 it
+was), alternated with this tree's.
 
     python tools/bench_gemvs.py --kind int8 [--base-file /tmp/int_gemv_base.py] [--repeats 12]
 
---kind int8: numba-w8a8's int8 x int8 GEMV; int4: numba-w4a8's int4 x int8; float-int8: numba-int8's float
-GEMV (this tree's only). A token's GEMVs read every weight byte once, so their floor is bytes / bandwidth.
+--kind int8: numba-w8a8's int8 x int8 GEMV; int4: numba-w4a8's int4 x int8; float-int8: numba-int8's int8 x
+float32 (int_gemv.gemv_float). A token's GEMVs read every weight byte once, so their floor is bytes / bandwidth.
 Figures mean something only as ratios within one run (the machine drifts).
 """
 
@@ -17,7 +18,7 @@ import time
 
 import numpy as np
 
-from refqwen.backends import int_gemv, numba_int8
+from refqwen.backends import int_gemv
 from refqwen.bench import probe_bandwidth
 from refqwen.quant import QuantizedInt4Weight, QuantizedWeight
 
@@ -34,10 +35,13 @@ def random_weight(kind, rows, cols, rng):
     return QuantizedWeight(rng.integers(-127, 128, (rows, cols), dtype=np.int8), scales)
 
 
-def float_gemv(x, w):
-    y = np.empty(w.shape[0], np.float32)
-    numba_int8.gemv_g32(w.q, w.scales, x, y)
-    return y
+def plain_numba_gemv(gemv_g32):
+    def gemv(x, w):
+        y = np.empty(w.shape[0], np.float32)
+        gemv_g32(w.q, w.scales, x, y)
+        return y
+
+    return gemv
 
 
 def module_from_file(path):
@@ -66,9 +70,11 @@ def main():
     weights.append(random_weight(args.kind, VOCAB, 896, rng))
     nbytes = sum(sum(a.nbytes for a in vars(w).values() if isinstance(a, np.ndarray)) for w in weights)
     xs = {n: rng.standard_normal(n).astype(np.float32) for n in (896, 4864)}
-    versions = {"this tree": float_gemv if args.kind == "float-int8" else int_gemv.linear_one_token}
+    versions = {"this tree": int_gemv.gemv_float if args.kind == "float-int8" else int_gemv.linear_one_token}
     if args.base_file:
-        versions["base"] = module_from_file(args.base_file).linear_one_token
+        base = module_from_file(args.base_file)
+        versions["base"] = base.linear_one_token if args.kind != "float-int8" else getattr(base, "gemv_float", None) \
+            or plain_numba_gemv(base.gemv_g32)  # numba-int8's kernel before it moved here (backends/numba_int8.py)
     for gemv in versions.values():
         one_token(gemv, weights[:8], xs)  # compile or load from the cache
     bandwidth = probe_bandwidth()
