@@ -63,7 +63,7 @@ try:
     from numba.core import cgutils
     from numba.extending import intrinsic
 
-    from refqwen.backends.prefetch import emit_prefetch
+    from refqwen.backends.prefetch import AHEAD, emit_prefetch
 except ImportError:  # the Numba backends report it (unavailable_reason)
     njit = None
 
@@ -96,6 +96,7 @@ if njit is not None:
         ir.VectorType(ir.FloatType(), 2), ir.VectorType(ir.FloatType(), 8)
     F32x32 = ir.VectorType(ir.FloatType(), 32)
     I64 = ir.IntType(64)
+    ahead = ir.Constant(I64, AHEAD)  # bytes: backends/prefetch.py
 
     def _indices(values):
         """A shufflevector mask."""
@@ -178,7 +179,7 @@ if njit is not None:
                 nibble = ir.Constant(I8x32, [15] * 32)
                 with cgutils.for_range(builder, steps) as loop:
                     offset = builder.mul(loop.index, ir.Constant(I64, STEP_BYTES))
-                    emit_prefetch(builder, builder.add(packed, offset))  # backends/prefetch.py
+                    emit_prefetch(builder, builder.add(packed, builder.add(offset, ahead)))  # backends/prefetch.py
                     q = _load(builder, packed, offset, I8x32)
                     low = builder.and_(q, nibble)  # even columns
                     high = builder.and_(builder.lshr(q, ir.Constant(I8x32, [4] * 32)), nibble)  # odd columns
@@ -209,7 +210,7 @@ if njit is not None:
                 acc = cgutils.alloca_once_value(builder, ir.Constant(F32x8, None))
                 with cgutils.for_range(builder, steps) as loop:
                     offset = builder.mul(loop.index, ir.Constant(I64, 32))
-                    emit_prefetch(builder, builder.add(q, offset))
+                    emit_prefetch(builder, builder.add(q, builder.add(offset, ahead)))
                     p = signed_pairs(builder, _load(builder, q, offset, I8x32), _load(builder, xq, offset, I8x32))
                     dots = builder.sitofp(quads(builder, p), F32x8)  # each lane: 4 columns, exact
                     at = builder.mul(loop.index, ir.Constant(I64, 4))
@@ -236,7 +237,7 @@ if njit is not None:
                 acc = cgutils.alloca_once_value(builder, ir.Constant(F32x8, None))
                 with cgutils.for_range(builder, steps) as loop:
                     offset = builder.mul(loop.index, ir.Constant(I64, 32))
-                    emit_prefetch(builder, builder.add(q, offset))
+                    emit_prefetch(builder, builder.add(q, builder.add(offset, ahead)))
                     w = builder.sitofp(_load(builder, q, offset, I8x32), F32x32)
                     v = _load(builder, x, builder.mul(offset, ir.Constant(I64, 4)), F32x32, 4)
                     dot = None

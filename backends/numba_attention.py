@@ -34,11 +34,13 @@ try:
 
     from refqwen.backends.float_tiles import COLS, LANES, MT, row_store, tile_add, tile_store, vector_max
     from refqwen.backends.numba_math import exp_nonpositive
+    from refqwen.backends.prefetch import prefetch
 except ImportError:  # the backends that use this module report numba as unavailable
     njit = None
 
 QUERY_BLOCK = 16  # query positions per task
 KEY_BLOCK = 256  # keys per step of the online softmax (a multiple of the tiles' COLS)
+KEYS_AHEAD = 24  # keys prefetched ahead of a decode query's tiles
 # Floating-point reassociation lets LLVM vectorize the sums; no "ninf"/"nnan": the masks rely on them.
 FAST = {"reassoc", "contract"}
 EMPTY = np.float32(-3.0e38)  # running maximum of a row that has seen no key yet
@@ -94,6 +96,13 @@ if njit is not None:
         scheduling each thread then gets a similar share of the causal triangle."""
         half = task // 2
         return half if task % 2 == 0 else n_blocks - 1 - half
+
+    @njit(inline="always", cache=True)
+    def _prefetch_rows(address, stride, j0, j1, D):
+        """Prefetch rows j0 .. j1-1 of D float32 each, `stride` bytes apart from `address` (backends/prefetch.py)."""
+        for j in range(j0, j1):
+            for b in range(0, 4 * D, 64):
+                prefetch(address + j * stride + b)
 
     @njit(cache=True)
     def _round_up(n, m):
@@ -155,6 +164,10 @@ if njit is not None:
             keys = k[s0, kv].ctypes.data  # key s0 + j of this head lies j * ks bytes further
             whole = n // MT * MT
             for j in range(0, whole, MT):  # pt[j, r] = k[s0 + j] . qs[r]
+                # decode reads each layer's cache once, out of cache: ask for the keys KEYS_AHEAD on and for
+                # this tile's values (read after the block's softmax) before the loads wait on them
+                _prefetch_rows(keys, ks, j + KEYS_AHEAD, min(j + KEYS_AHEAD + MT, last - s0), D)
+                _prefetch_rows(v[s0, kv].ctypes.data, vs, j, j + MT, D)
                 tile_store(keys + j * ks, ks, qt.ctypes.data, row, pt[j:].ctypes.data, row, D)
             for j in range(whole, n):
                 row_store(keys + j * ks, ks, qt.ctypes.data, row, pt[j:].ctypes.data, row, D)

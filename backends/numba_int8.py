@@ -41,7 +41,7 @@ try:
     import numba
     from numba import njit, prange
 
-    from refqwen.backends.prefetch import prefetch
+    from refqwen.backends.prefetch import AHEAD, prefetch
 except ImportError:  # reported by unavailable_reason()
     numba = None
 
@@ -305,7 +305,7 @@ if numba is not None:
         for o in prange(O):
             row = np.int64(q.ctypes.data) + o * q.strides[0]
             for k in range(0, I, 64):  # the lines AHEAD bytes on, one row's worth (backends/prefetch.py)
-                prefetch(row + k)
+                prefetch(row + k + AHEAD)
             acc = np.float32(0)
             for j in range(I):
                 acc += np.float32(q[o, j]) * x[j]
@@ -326,7 +326,7 @@ if numba is not None:
             row = np.int64(packed.ctypes.data) + o * packed.strides[0]
             lanes = np.zeros(half, np.float32)
             for g in range(G):
-                prefetch(row + g * half)  # AHEAD bytes on (backends/prefetch.py)
+                prefetch(row + g * half + AHEAD)  # backends/prefetch.py
                 s = scales[o, g]
                 z = np.float32(zeros[o, g])
                 base = g * half
