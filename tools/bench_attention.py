@@ -10,11 +10,10 @@ figure printed is per layer): a decode step's caches, out of the CPU caches as t
 """
 
 import argparse
-import importlib.util
-import sys
 import time
 
 import numpy as np
+from base_module import module_from_file
 
 
 def main():
@@ -34,7 +33,9 @@ def main():
 
     torch.set_num_threads(2)
     numba_attention.warm_up()
-    base = module_from_file(args.base_file) if args.base_file else None
+    base = module_from_file(args.base_file, "numba_attention_base") if args.base_file else None
+    if base is not None:
+        base.warm_up()
     prefill = [(int(n), int(n)) for n in args.prefill.split(",") if n]
     decode = [(1, int(n)) for n in args.decode.split(",") if n]
     for T, S in prefill + decode:
@@ -72,15 +73,6 @@ def case(T, S, torch, numba_attention, causal_attention, base=None, layers=1, H=
     if causal_attention is not None:
         engines["numpy-reference"] = each_layer(causal_attention)
     return engines
-
-
-def module_from_file(path):
-    spec = importlib.util.spec_from_file_location("numba_attention_base", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # Numba's cache finds the kernels' module by name
-    spec.loader.exec_module(module)
-    module.warm_up()
-    return module
 
 
 if __name__ == "__main__":

@@ -12,11 +12,10 @@ Figures mean something only as ratios within one run (the machine drifts).
 """
 
 import argparse
-import importlib.util
-import sys
 import time
 
 import numpy as np
+from base_module import module_from_file
 
 from refqwen.backends import int_gemv
 from refqwen.bench import probe_bandwidth
@@ -44,14 +43,6 @@ def plain_numba_gemv(gemv_g32):
     return gemv
 
 
-def module_from_file(path):
-    spec = importlib.util.spec_from_file_location("int_gemv_base", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # Numba's cache finds the kernels' module by name
-    spec.loader.exec_module(module)
-    return module
-
-
 def one_token(gemv, weights, xs) -> float:
     began = time.perf_counter()
     for w in weights:
@@ -72,7 +63,7 @@ def main():
     xs = {n: rng.standard_normal(n).astype(np.float32) for n in (896, 4864)}
     versions = {"this tree": int_gemv.gemv_float if args.kind == "float-int8" else int_gemv.linear_one_token}
     if args.base_file:
-        base = module_from_file(args.base_file)
+        base = module_from_file(args.base_file, "int_gemv_base")
         versions["base"] = base.linear_one_token if args.kind != "float-int8" else getattr(base, "gemv_float", None) \
             or plain_numba_gemv(base.gemv_g32)  # numba-int8's kernel before it moved here (backends/numba_int8.py)
     for gemv in versions.values():

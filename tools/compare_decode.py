@@ -10,11 +10,10 @@ later ones the steady speed. Figures mean something only as ratios within one ru
 """
 
 import argparse
-import importlib.util
-import sys
 import time
 
 import numpy as np
+from base_module import module_from_file
 
 from refqwen import backends
 from refqwen.bench import probe_bandwidth, weight_bytes_per_token
@@ -23,10 +22,7 @@ from refqwen.model.model import Model
 
 
 def backend_from_file(path: str, name: str):
-    spec = importlib.util.spec_from_file_location("numba_int8_base", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # Numba's cache finds the kernels' module by name
-    spec.loader.exec_module(module)
+    module = module_from_file(path, "numba_int8_base")
     cls = next(c for c in vars(module).values() if isinstance(c, type) and getattr(c, "name", None) == name)
     return cls()
 
