@@ -161,13 +161,13 @@ if njit is not None:
         first, last = lo[t0:t1].min(), hi[t0:t1].max()
         for s0 in range(first, last, KEY_BLOCK):
             n = min(KEY_BLOCK, last - s0)
-            keys = k[s0, kv].ctypes.data  # key s0 + j of this head lies j * ks bytes further
+            keys, values = k[s0, kv].ctypes.data, v[s0, kv].ctypes.data  # key s0 + j: j * ks bytes further
             whole = n // MT * MT
             for j in range(0, whole, MT):  # pt[j, r] = k[s0 + j] . qs[r]
                 # decode reads each layer's cache once, out of cache: ask for the keys KEYS_AHEAD on and for
                 # this tile's values (read after the block's softmax) before the loads wait on them
                 _prefetch_rows(keys, ks, j + KEYS_AHEAD, min(j + KEYS_AHEAD + MT, last - s0), D)
-                _prefetch_rows(v[s0, kv].ctypes.data, vs, j, j + MT, D)
+                _prefetch_rows(values, vs, j, j + MT, D)
                 tile_store(keys + j * ks, ks, qt.ctypes.data, row, pt[j:].ctypes.data, row, D)
             for j in range(whole, n):
                 row_store(keys + j * ks, ks, qt.ctypes.data, row, pt[j:].ctypes.data, row, D)
@@ -176,8 +176,7 @@ if njit is not None:
                     p[r, j] = pt[j, r]
             _softmax_rows(p, lo, hi, s0, n, _round_up(n, COLS), t0, G, R, acc, row_max, denom)
             if values_in_place:  # acc[r, d] += sum_j p[r, j] v[s0 + j, d]
-                _matmul_at(p.ctypes.data, p.strides[0], v[s0, kv].ctypes.data, vs, acc.ctypes.data, acc.strides[0],
-                           Rp, Dp, n)
+                _matmul_at(p.ctypes.data, p.strides[0], values, vs, acc.ctypes.data, acc.strides[0], Rp, Dp, n)
             else:
                 vb[:n, :D] = v[s0:s0 + n, kv]
                 _matmul(p, vb, acc, Rp, Dp, n, True)

@@ -323,10 +323,8 @@ if numba is not None:
         G = scales.shape[1]
         half = group // 2
         for o in prange(O):
-            row = np.int64(packed.ctypes.data) + o * packed.strides[0]
             lanes = np.zeros(half, np.float32)
             for g in range(G):
-                prefetch(row + g * half + AHEAD)  # backends/prefetch.py
                 s = scales[o, g]
                 z = np.float32(zeros[o, g])
                 base = g * half

@@ -1,4 +1,5 @@
-"""The refqwen command end to end, through subprocesses, as a user runs it."""
+"""The refqwen command as a user runs it: end to end through subprocesses (load included), and the
+commands' own logic in this process on the session's demo model (cli_on_demo)."""
 
 import io
 import json
