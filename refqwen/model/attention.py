@@ -18,7 +18,7 @@ import numpy as np
 from refqwen.model.cache import LayerCache
 from refqwen.model.hooks import UNTRACED
 
-BLOCK = 256  # queries and keys per block: scores use KV x G x 256 x 256 floats at most
+BLOCK = 256  # queries per block, keys per block 256 x 256 / queries: scores use KV x G x 256 x 256 floats at most
 
 
 class Attention:
@@ -90,13 +90,16 @@ def causal_attention(q, k, v, start: int, window: int | None = None, block: int 
     T, H, D = q.shape
     KV = k.shape[1]
     G = H // KV  # query heads per key/value head
-    q = q.reshape(T, KV, G, D).transpose(1, 2, 0, 3) * np.float32(D ** -0.5)  # [KV, G, T, D]
+    q = q.reshape(T, KV, G, D).transpose(1, 0, 2, 3) * np.float32(D ** -0.5)  # [KV, T, G, D]
     k, v = k.transpose(1, 0, 2), v.transpose(1, 0, 2)  # [KV, S, D]
-    out = np.empty((KV, G, T, D), np.float32)
+    out = np.empty((KV, T, G, D), np.float32)
     for t0 in range(0, T, block):
         t1 = min(t0 + block, T)
-        out[:, :, t0:t1] = _attend_block(q[:, :, t0:t1], k, v, np.arange(start + t0, start + t1), window, block)
-    return out.transpose(2, 0, 1, 3).reshape(T, H, D)  # [T, H, D]
+        # as many keys per block as keep the score tile at block x block per head: a decode step's
+        # single query scores the whole cache in one tile
+        keys_per_block = block * block // (t1 - t0)
+        out[:, t0:t1] = _attend_block(q[:, t0:t1], k, v, np.arange(start + t0, start + t1), window, keys_per_block)
+    return out.transpose(1, 0, 2, 3).reshape(T, H, D)  # [T, H, D]
 
 
 def attention_pattern(q, k, start: int, window: int | None = None) -> np.ndarray:
@@ -119,27 +122,30 @@ def attention_pattern(q, k, start: int, window: int | None = None) -> np.ndarray
 
 
 def _attend_block(q, k, v, q_pos, window, block):
-    """One block of queries q [KV, G, t, D] at positions q_pos [t] against all visible keys."""
+    """One block of queries q [KV, t, G, D] at positions q_pos [t] against all visible keys, `block` keys
+    at a time.  k, v [KV, S, D] -> [KV, t, G, D]"""
+    KV, t, G, D = q.shape
+    # the G query heads that read one key/value head are rows of one matrix: one product per key head
+    rows = q.reshape(KV, t * G, D)  # [KV, t*G, D], position-major: row r is position r // G
     first = 0 if window is None else max(0, q_pos[0] - window + 1)  # earliest key any query here sees
     last = q_pos[-1]  # latest key any query here sees
-    running_max = np.full(q.shape[:3] + (1,), -np.inf, np.float32)  # [KV, G, t, 1]
-    denom = np.zeros(q.shape[:3] + (1,), np.float32)  # [KV, G, t, 1]
-    acc = np.zeros(q.shape, np.float32)  # [KV, G, t, D]
+    running_max = np.full((KV, t * G, 1), -np.inf, np.float32)
+    denom = np.zeros((KV, t * G, 1), np.float32)
+    acc = np.zeros((KV, t * G, D), np.float32)
     for s0 in range((first // block) * block, last + 1, block):
         s1 = min(s0 + block, last + 1)
         k_pos = np.arange(s0, s1)
         visible = k_pos[None, :] <= q_pos[:, None]  # [t, s]
         if window is not None:
             visible &= q_pos[:, None] - k_pos[None, :] < window
-        scores = q @ k[:, None, s0:s1].swapaxes(-1, -2)  # [KV, G, t, s]
-        scores = np.where(visible, scores, -np.inf)
+        scores = rows @ k[:, s0:s1].swapaxes(-1, -2)  # [KV, t*G, s]
+        scores = np.where(np.repeat(visible, G, axis=0), scores, -np.inf)  # a position's G heads share its mask
         new_max = np.maximum(running_max, scores.max(axis=-1, keepdims=True))
         # a query that has seen no key yet has max -inf; shift it by 0 instead so exp gives 0, not NaN
         shift = np.where(np.isfinite(new_max), new_max, np.float32(0))
         rescale = np.exp(running_max - shift)  # shrink what was summed under the old maximum
-        p = np.exp(scores - shift)  # [KV, G, t, s]
+        p = np.exp(scores - shift)  # [KV, t*G, s]
         denom = denom * rescale + p.sum(axis=-1, keepdims=True)
-        acc = acc * rescale + p @ v[:, None, s0:s1]  # [KV, G, t, D]
+        acc = acc * rescale + p @ v[:, s0:s1]  # [KV, t*G, D]
         running_max = new_max
-    return acc / denom
-
+    return (acc / denom).reshape(KV, t, G, D)
