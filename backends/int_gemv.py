@@ -424,8 +424,14 @@ def gemv_float(x: np.ndarray, weight) -> np.ndarray:
         raise RefqwenError(f"int_gemv: a weight of input {weight.shape[1]} and {weight.scales.shape[1]} group "
                            f"scales does not match activations ({x.shape[0]},) in groups of 32")
     y = np.empty(weight.shape[0], np.float32)
-    gemv_float_rows(weight.q, weight.scales, np.ascontiguousarray(x, np.float32), y)
+    float_kernel(weight)(np.ascontiguousarray(x, np.float32), y)
     return y
+
+
+def float_kernel(weight):
+    """gemv_float's kernel bound to an int8-g32 weight: f(x [I] float32 contiguous, y [O]) writes y, unchecked."""
+    q, scales = weight.q, weight.scales
+    return lambda x, y: gemv_float_rows(q, scales, x, y)
 
 
 def linear_one_token(x: np.ndarray, weight) -> np.ndarray:
@@ -433,12 +439,20 @@ def linear_one_token(x: np.ndarray, weight) -> np.ndarray:
     (QuantizedInt4Weight) or int8-g32 weight -> [O]. Quantization and GEMV are one call into Numba: decode
     makes ~100 of these per token, and NumPy's quantization plus the Python between calls cost as much as
     the GEMV of a small matrix."""
-    name = instruction()
     if weight.shape[1] != x.shape[0]:
-        _check(name, weight, x.shape[0], -(-x.shape[0] // 32))
-    x, y = np.ascontiguousarray(x, np.float32), np.empty(weight.shape[0], np.float32)
-    if hasattr(weight, "q_packed"):
-        _TOKEN_GEMVS[name](x, weight.q_packed, weight.scales, weight.zeros, weight.group, y)
-    else:
-        _TOKEN_GEMV8S[name](x, weight.q, weight.scales, y)
+        _check(instruction(), weight, x.shape[0], -(-x.shape[0] // 32))
+    y = np.empty(weight.shape[0], np.float32)
+    one_token_kernel(weight)(np.ascontiguousarray(x, np.float32), y)
     return y
+
+
+def one_token_kernel(weight):
+    """linear_one_token's kernel bound to an int4 or int8-g32 weight: f(x [I] float32 contiguous, y [O]) writes y,
+    unchecked (for a caller that checked the shapes once and makes the same call every step)."""
+    name = instruction()
+    if hasattr(weight, "q_packed"):
+        kernel, packed, scales, zeros, group = (_TOKEN_GEMVS[name], weight.q_packed, weight.scales, weight.zeros,
+                                                weight.group)
+        return lambda x, y: kernel(x, packed, scales, zeros, group, y)
+    kernel, q, scales = _TOKEN_GEMV8S[name], weight.q, weight.scales
+    return lambda x, y: kernel(x, q, scales, y)

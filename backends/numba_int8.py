@@ -26,6 +26,7 @@ dequantized row by row on lookup. Attention over the cache is a parallel Numba k
 code). docs/backends.md describes each kernel and its measured speed.
 """
 
+import weakref
 from contextlib import contextmanager
 
 import numpy as np
@@ -33,6 +34,7 @@ from threadpoolctl import ThreadpoolController
 
 from refqwen import quant
 from refqwen.backends import int_gemv, numba_attention, numba_gemm, numba_math, numba_quant, vnni
+from refqwen.backends.numba_decode import LeanDecode
 from refqwen.errors import WeightsError
 from refqwen.model.ops import Backend
 from refqwen.quant import QUANTIZED, QuantizedInt4Weight, QuantizedWeight
@@ -68,10 +70,12 @@ class NumbaInt8Backend(Backend):
     quantize_activations = False
 
     fuse_projections = True  # q/k/v and gate/up decode as one matrix each (FusedProjections)
+    lean_decode = True  # a dense model decodes through numba_decode.LeanDecode: the same kernels, less Python
 
     def __init__(self):
         self.int8_path = vnni.path()  # "vnni" or "portable" (REFQWEN_INT8_PATH forces one)
         self._fusion = Fusion()
+        self._lean = weakref.WeakKeyDictionary()  # model -> its LeanDecode, or None where it does not apply
 
     @classmethod
     def unavailable_reason(cls):
@@ -144,9 +148,16 @@ class NumbaInt8Backend(Backend):
         return table.take(ids)  # [T, C]
 
     def decode(self, model, token: int, cache):
-        """One token with Numba's workers only: whatever BLAS the step's float ops call runs single-threaded."""
+        """One token with Numba's workers only: whatever BLAS the step's float ops call runs single-threaded.
+        Through LeanDecode unless a trace is running or it does not apply to the model."""
         with single_threaded_blas():
-            return super().decode(model, token, cache)
+            lean = self._lean_decode(model) if self.lean_decode and model.trace_points.tracer is None else None
+            return lean.step(model, token, cache) if lean is not None else super().decode(model, token, cache)
+
+    def _lean_decode(self, model):
+        if model not in self._lean:
+            self._lean[model] = LeanDecode.plan(model, self)
+        return self._lean[model]
 
     def linear(self, x, weight: QuantizedWeight, bias=None):
         T, fused = x.shape[0], getattr(weight, "fused", None)
@@ -174,17 +185,22 @@ class NumbaInt8Backend(Backend):
                 and weight.scales.ndim == 2)
 
     def _gemv(self, x, w: QuantizedWeight) -> np.ndarray:
+        """x [T, I] float32 contiguous, T <= GEMV_MAX_TOKENS -> [T, O], one GEMV per token"""
         y = np.empty((x.shape[0], w.shape[0]), np.float32)
+        gemv = self.row_gemv(w)
         for t in range(x.shape[0]):
-            if self.quantize_activations:  # int4 or int8-g32 weights (runs_schemes), int8 dot products
-                y[t] = int_gemv.linear_one_token(x[t], w)
-            elif isinstance(w, QuantizedInt4Weight):
-                gemv_int4(w.q_packed, w.scales, w.zeros, w.group, x[t, 0::2].copy(), x[t, 1::2].copy(), y[t])
-            elif w.scales.ndim == 1:
-                gemv_channel(w.q, w.scales, x[t], y[t])
-            else:
-                y[t] = int_gemv.gemv_float(x[t], w)
+            gemv(x[t], y[t])
         return y
+
+    def row_gemv(self, w):
+        """The decode kernel of weight w, bound to its arrays: f(x [I], y [O]) writes y = w x (float32)."""
+        if self.quantize_activations:  # int4 or int8-g32 weights (runs_schemes), int8 dot products
+            return int_gemv.one_token_kernel(w)
+        if isinstance(w, QuantizedInt4Weight):
+            return lambda x, y: gemv_int4(w.q_packed, w.scales, w.zeros, w.group, x[0::2].copy(), x[1::2].copy(), y)
+        if w.scales.ndim == 1:
+            return lambda x, y: gemv_channel(w.q, w.scales, x, y)
+        return int_gemv.float_kernel(w)
 
 
 class NumbaInt8ChannelBackend(NumbaInt8Backend):

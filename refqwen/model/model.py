@@ -85,11 +85,8 @@ class Model:
 
     def logits(self, ids, cache: KVCache | None = None, last_only: bool = False):
         """forward's logits where the backend keeps them (on the GPU for a GPU backend)."""
-        ids = self._check_ids(ids)
-        cache = self._check_cache(cache) if cache is not None else self.new_cache()
+        ids, cache = self.check_input(ids, cache)
         start = cache.length  # position of the first new token
-        if start + len(ids) > self.config.context_window:
-            raise RefqwenError(self.config.too_long(start + len(ids), f"{start} cached + {len(ids)} new tokens"))
         positions = np.arange(start, start + len(ids))  # [T]
         if self.config.dual_chunk_attention:  # keys are rotated by their place in their chunk
             positions = key_positions(positions, self.config.dual_chunk_attention)
@@ -117,6 +114,16 @@ class Model:
         from refqwen.generate import stream
 
         return stream(self, prompt, max_new_tokens, **options)
+
+    def check_input(self, ids, cache: KVCache | None):
+        """(ids as a 1-D integer array, the cache or a new one), or a RefqwenError: an id outside the
+        vocabulary, a cache made for another model, more tokens than the context window holds."""
+        ids = self._check_ids(ids)
+        cache = self._check_cache(cache) if cache is not None else self.new_cache()
+        if cache.length + len(ids) > self.config.context_window:
+            raise RefqwenError(self.config.too_long(cache.length + len(ids),
+                                                    f"{cache.length} cached + {len(ids)} new tokens"))
+        return ids, cache
 
     def _check_cache(self, cache):
         if getattr(cache, "config", self.config) != self.config or len(cache.layers) != self.config.num_hidden_layers:
