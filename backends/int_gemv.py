@@ -320,8 +320,10 @@ if njit is not None:
                 total += np.float32(exact) * (ws[o, G - 1] * xs[G - 1])
             y[o] = total
 
-    def gemv_token(x, packed, ws, zeros, group, y):
-        """x [I] float32: quantized here, then the GEMV: one call from Python per token and matrix."""
+    def gemv_token(x, w, y):
+        """x [I] float32: quantized here, then the GEMV of w = (packed, ws, zeros, group): one call from Python
+        per token and matrix."""
+        packed, ws, zeros, group = w
         I = x.shape[0]
         x_even, x_odd = np.empty(I // 2, np.int8), np.empty(I // 2, np.int8)
         xs, x_sums = np.empty(I // 32, np.float32), np.empty(I // group, np.float32)
@@ -343,8 +345,9 @@ if njit is not None:
                 total += np.float32(exact) * (ws[o, full] * xs[full])
             y[o] = total
 
-    def gemv8_token(x, q, ws, y):
-        """x [I] float32: quantized here, then the int8 GEMV."""
+    def gemv8_token(x, w, y):
+        """x [I] float32: quantized here, then the int8 GEMV of w = (q, ws)."""
+        q, ws = w
         xq, xs = np.empty(x.shape[0], np.int8), np.empty(ws.shape[1], np.float32)
         quantize_row(x, xq, xs)
         gemv8_rows(q, ws, xq, xs, y)
@@ -360,6 +363,10 @@ if njit is not None:
             for j in range(full * 32, I):
                 total += np.float32(q[o, j]) * x[j] * ws[o, full]
             y[o] = total
+
+    def gemvf_token(x, w, y):
+        """gemvf_rows with the decode kernels' arguments: x [I], w = (q, ws), y [O]."""
+        gemv_float_rows(w[0], w[1], x, y)
 
     def _compile(function, name: str, **bound):
         """`function` compiled with the names in `bound` as its globals, under its own name. Plain functions
@@ -379,6 +386,7 @@ if njit is not None:
         _GEMV8S[_name] = _compile(gemv8_rows, _name, int8_row_dot=make_int8_row_dot(_signed, _quads))
         _TOKEN_GEMV8S[_name] = _compile(gemv8_token, _name, gemv8_rows=_GEMV8S[_name])
     gemv_float_rows = _compile(gemvf_rows, "ir")  # generic IR: one version for any CPU
+    gemv_float_token = _compile(gemvf_token, "ir", gemv_float_rows=gemv_float_rows)
 
 
 def _check(name: str, weight, I: int, groups: int):
@@ -424,14 +432,8 @@ def gemv_float(x: np.ndarray, weight) -> np.ndarray:
         raise RefqwenError(f"int_gemv: a weight of input {weight.shape[1]} and {weight.scales.shape[1]} group "
                            f"scales does not match activations ({x.shape[0]},) in groups of 32")
     y = np.empty(weight.shape[0], np.float32)
-    float_kernel(weight)(np.ascontiguousarray(x, np.float32), y)
+    gemv_float_token(np.ascontiguousarray(x, np.float32), (weight.q, weight.scales), y)
     return y
-
-
-def float_kernel(weight):
-    """gemv_float's kernel bound to an int8-g32 weight: f(x [I] float32 contiguous, y [O]) writes y, unchecked."""
-    q, scales = weight.q, weight.scales
-    return lambda x, y: gemv_float_rows(q, scales, x, y)
 
 
 def linear_one_token(x: np.ndarray, weight) -> np.ndarray:
@@ -442,17 +444,15 @@ def linear_one_token(x: np.ndarray, weight) -> np.ndarray:
     if weight.shape[1] != x.shape[0]:
         _check(instruction(), weight, x.shape[0], -(-x.shape[0] // 32))
     y = np.empty(weight.shape[0], np.float32)
-    one_token_kernel(weight)(np.ascontiguousarray(x, np.float32), y)
+    kernel, arrays = token_kernel(weight)
+    kernel(np.ascontiguousarray(x, np.float32), arrays, y)
     return y
 
 
-def one_token_kernel(weight):
-    """linear_one_token's kernel bound to an int4 or int8-g32 weight: f(x [I] float32 contiguous, y [O]) writes y,
-    unchecked (for a caller that checked the shapes once and makes the same call every step)."""
+def token_kernel(weight):
+    """(kernel, arrays) of linear_one_token for an int4 or int8-g32 weight: kernel(x [I] float32, arrays, y [O])
+    writes y, unchecked; the calling convention of every decode GEMV (backends/numba_decode.py)."""
     name = instruction()
     if hasattr(weight, "q_packed"):
-        kernel, packed, scales, zeros, group = (_TOKEN_GEMVS[name], weight.q_packed, weight.scales, weight.zeros,
-                                                weight.group)
-        return lambda x, y: kernel(x, packed, scales, zeros, group, y)
-    kernel, q, scales = _TOKEN_GEMV8S[name], weight.q, weight.scales
-    return lambda x, y: kernel(x, q, scales, y)
+        return _TOKEN_GEMVS[name], (weight.q_packed, weight.scales, weight.zeros, weight.group)
+    return _TOKEN_GEMV8S[name], (weight.q, weight.scales)

@@ -54,14 +54,6 @@ def attention(q, keys, values, start: int, window: int | None) -> np.ndarray:
     return out
 
 
-def attend_one(q, keys, values, start: int, window: int | None, out, lse, lo, hi):
-    """attention() of a decode step's one query q [1, H, D] (contiguous), written into out [1, H, D] and
-    lse [1, H], lo and hi int64 [1] scratch: no array made, for a caller that runs it every step."""
-    lo[0] = 0 if window is None else max(0, start - window + 1)
-    hi[0] = start + 1
-    _attention_kernel(q, keys, values, lo, hi, np.float32(q.shape[2] ** -0.5), out, lse)
-
-
 def attend_ranges(q, keys, values, lo, hi, scale: float):
     """softmax(scale q k) v where query t [of q, T x H x D] sees keys lo[t] .. hi[t]-1 of keys, values [S, KV, D].
     -> (out [T, H, D], lse [T, H]); a query that sees no key gets out 0 and lse -inf."""

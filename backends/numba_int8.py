@@ -81,16 +81,12 @@ class NumbaInt8Backend(Backend):
     def unavailable_reason(cls):
         return None if numba is not None else "numba is not installed (pip install numba)"
 
-    def warm_up(self):
-        """Compile the kernels (or load them from Numba's on-disk cache) before the first token."""
-        q, x, y = np.ones((2, 40), np.int8), np.ones(40, np.float32), np.empty(2, np.float32)
-        gemv_channel(q, np.ones(2, np.float32), x, y)
-        int_gemv.gemv_float(x, quant.QuantizedWeight(q, np.ones((2, 2), np.float32)))
-        packed, ones = np.ones((2, 16), np.uint8), np.ones((2, 1), np.float32)
-        gemv_int4(packed, ones, np.ones((2, 1), np.uint8), 32, x[:16], x[16:32], y)
-        if self.quantize_activations:
-            for scheme in ("int4-g32", "int8-g32"):
-                int_gemv.linear_one_token(x[:32], quant.quantize_scheme(np.ones((2, 32), np.float32), scheme))
+    def warm_up(self, model=None):
+        """Compile the kernels (or load them from Numba's on-disk cache) before the first token, and bind the
+        decode step to the model."""
+        for scheme in ("int4-g32", "int8-g32") if self.quantize_activations else ("int4-g32", "int8-g32",
+                                                                                   "int8-channel"):
+            self._gemv(np.ones((1, 64), np.float32), quant.quantize_scheme(np.ones((2, 64), np.float32), scheme))
         if self.quantize_activations and self.int8_path == "vnni":
             vnni.matmul_w8a8(np.ones((5, 70), np.int8), np.ones((5, 3), np.float32), np.ones((2, 70), np.int8),
                              np.ones((2, 3), np.float32), "vnni")
@@ -100,6 +96,8 @@ class NumbaInt8Backend(Backend):
         self.swiglu(np.ones((1, 2), np.float32), np.ones((1, 2), np.float32))
         self.rms_norm(np.ones((1, 2), np.float32), np.ones(2, np.float32), 1e-6)
         self.apply_rotary(np.ones((1, 1, 2), np.float32), np.ones((1, 2), np.float32), np.ones((1, 2), np.float32))
+        if model is not None and self.lean_decode:
+            self._lean_decode(model)
 
     def attention(self, q, keys, values, start, window):
         return numba_attention.attention(q, keys, values, start, window)  # parallel, bounded memory
@@ -187,20 +185,21 @@ class NumbaInt8Backend(Backend):
     def _gemv(self, x, w: QuantizedWeight) -> np.ndarray:
         """x [T, I] float32 contiguous, T <= GEMV_MAX_TOKENS -> [T, O], one GEMV per token"""
         y = np.empty((x.shape[0], w.shape[0]), np.float32)
-        gemv = self.row_gemv(w)
+        kernel, arrays = self.decode_gemv(w)
         for t in range(x.shape[0]):
-            gemv(x[t], y[t])
+            kernel(x[t], arrays, y[t])
         return y
 
-    def row_gemv(self, w):
-        """The decode kernel of weight w, bound to its arrays: f(x [I], y [O]) writes y = w x (float32)."""
+    def decode_gemv(self, w):
+        """(kernel, arrays) of weight w's decode GEMV: kernel(x [I] float32, arrays, y [O]) writes y = w x. One
+        calling convention for every kind of weight, so that numba_decode.py compiles a layer around any."""
         if self.quantize_activations:  # int4 or int8-g32 weights (runs_schemes), int8 dot products
-            return int_gemv.one_token_kernel(w)
+            return int_gemv.token_kernel(w)
         if isinstance(w, QuantizedInt4Weight):
-            return lambda x, y: gemv_int4(w.q_packed, w.scales, w.zeros, w.group, x[0::2].copy(), x[1::2].copy(), y)
+            return gemv_int4_token, (w.q_packed, w.scales, w.zeros, w.group)
         if w.scales.ndim == 1:
-            return lambda x, y: gemv_channel(w.q, w.scales, x, y)
-        return int_gemv.float_kernel(w)
+            return gemv_channel_token, (w.q, w.scales)
+        return int_gemv.gemv_float_token, (w.q, w.scales)
 
 
 class NumbaInt8ChannelBackend(NumbaInt8Backend):
@@ -349,3 +348,13 @@ if numba is not None:
                     lanes[k] += ((np.float32(byte & FOUR_BITS) - z) * x_even[base + k]
                                  + (np.float32(byte >> FOUR) - z) * x_odd[base + k]) * s
             y[o] = lanes.sum()
+
+    @njit(cache=True)
+    def gemv_int4_token(x, w, y):
+        """gemv_int4 with the decode kernels' arguments: x [I], w = (packed, scales, zeros, group), y [O]."""
+        gemv_int4(w[0], w[1], w[2], w[3], x[0::2].copy(), x[1::2].copy(), y)
+
+    @njit(cache=True)
+    def gemv_channel_token(x, w, y):
+        """gemv_channel with the decode kernels' arguments: x [I], w = (q, scales), y [O]."""
+        gemv_channel(w[0], w[1], x, y)

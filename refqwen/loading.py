@@ -28,7 +28,7 @@ def load(path, backend: str = "numpy", progress: bool = True, rope_scaling=KEEP,
     with tqdm(total=len(weights), desc=f"loading {path.name} ({backend})", unit="tensor", disable=not progress) as bar:
         weights.on_read = bar.update
         model = Model(cfg, weights, tokenizer=tokenizer, source=str(path), backend=ops)
-    ops.warm_up()
+    ops.warm_up(model)
     return model
 
 

@@ -34,8 +34,9 @@ class Backend:
 
     # ---- load time ------------------------------------------------------------------------
 
-    def warm_up(self) -> None:
-        """Called once when a model is loaded: compile kernels, allocate device state, ..."""
+    def warm_up(self, model=None) -> None:
+        """Called once when a model is loaded (model: it; None when only the kernels are wanted): compile
+        kernels, allocate device state, ..."""
 
     def prepare_linear(self, name: str, weight: np.ndarray):
         """Convert one projection weight [out, in] into this backend's form (quantize, copy to a
