@@ -96,8 +96,9 @@ class NumbaInt8Backend(Backend):
         self.swiglu(np.ones((1, 2), np.float32), np.ones((1, 2), np.float32))
         self.rms_norm(np.ones((1, 2), np.float32), np.ones(2, np.float32), 1e-6)
         self.apply_rotary(np.ones((1, 1, 2), np.float32), np.ones((1, 2), np.float32), np.ones((1, 2), np.float32))
-        if model is not None and self.lean_decode:
-            self._lean_decode(model)
+        with single_threaded_blas():  # threadpoolctl inspects the loaded libraries once (~10 ms): not in a step
+            if model is not None and self.lean_decode:
+                self._lean_decode(model)
 
     def attention(self, q, keys, values, start, window):
         return numba_attention.attention(q, keys, values, start, window)  # parallel, bounded memory
