@@ -71,10 +71,10 @@ def decode_steps(name, kind, lean, steps=12):
     return np.concatenate(logits), ops._lean.get(model)
 
 
-@pytest.mark.parametrize("kind", ["dense-untied", "dense-tied", "dense-sliding", "moe-step1"])
+@pytest.mark.parametrize("kind", ["dense-untied", "dense-tied", "dense-sliding", "dense-yarn", "moe-step1"])
 @pytest.mark.parametrize("name", NUMBA_BACKENDS)
 def test_lean_decode_is_the_models_step(name, kind):
-    """The same kernels on the same numbers: equal bit for bit, on a sliding-window model too; a MoE model
+    """The same kernels on the same numbers: equal bit for bit, on sliding-window and YaRN models too; a MoE model
     takes the model's own step."""
     lean, plan = decode_steps(name, kind, True)
     model_step, _ = decode_steps(name, kind, False)
