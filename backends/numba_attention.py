@@ -19,7 +19,9 @@ Decode (T = 1) is one task per key/value head, and its few rows (G <= COLS) take
 (`_attend_few_rows`): with 7 rows, copying each block of keys transposed and of values into tile order
 cost more than the products. There the scores come out transposed (keys x rows) from tiles that read the
 keys where they lie in the cache, only the small block of weights is transposed, and the values are read
-in place too (when the head size is a multiple of the tiles' COLS).
+in place too (when the head size is a multiple of the tiles' COLS). Up to 8 rows (the demo's G = 7) take
+one-vector tiles (8 keys x 8 rows for the scores, 8 rows x 8 dimensions for the values) instead of the
+6 x 16 ones, whose 16 columns and 12 rows were half zeros there.
 """
 
 import math
@@ -32,7 +34,12 @@ from refqwen.model.hooks import UNTRACED
 try:
     from numba import njit, prange
 
-    from refqwen.backends.float_tiles import COLS, LANES, MT, row_store, tile_add, tile_store, vector_max
+    from refqwen.backends.float_tiles import COLS, LANES, MT, make_tile, row_store, tile_add, tile_store, vector_max
+
+    NARROW_KEYS = 8  # keys (rows) of a one-vector tile: 8 accumulators, 10 of the 16 vector registers
+    narrow_store = make_tile(NARROW_KEYS, 1, accumulate=False)  # c[8, LANES] = a[8, :k] @ b[:k, LANES]
+    narrow_add = make_tile(NARROW_KEYS, 1, accumulate=True)
+    narrow_row_store = make_tile(1, 1, accumulate=False)
     from refqwen.backends.numba_math import exp_nonpositive
     from refqwen.backends.prefetch import prefetch
 except ImportError:  # the backends that use this module report numba as unavailable
@@ -150,6 +157,10 @@ if njit is not None:
         """_attend_rows for R <= COLS rows, reading keys (and values, when D is a multiple of COLS) in place."""
         D = q.shape[2]
         R, Rp, Dp = (t1 - t0) * G, _round_up((t1 - t0) * G, MT), _round_up(D, COLS)
+        # up to 8 rows (a decode step's G <= 8 heads): one-vector tiles, without the 16-column tiles' zeros
+        narrow = R <= LANES
+        if narrow:
+            Rp = max(Rp, NARROW_KEYS)  # the values' tiles take 8 rows of weights
         qt = np.zeros((D, COLS), np.float32)  # scaled queries, transposed: row r is column r
         _gather_queries(q, scale, kv, G, t0, R, qt.T)
         acc, row_max, denom = _running_sums(Rp, Dp)
@@ -162,24 +173,35 @@ if njit is not None:
         for s0 in range(first, last, KEY_BLOCK):
             n = min(KEY_BLOCK, last - s0)
             keys, values = k[s0, kv].ctypes.data, v[s0, kv].ctypes.data  # key s0 + j: j * ks bytes further
-            whole = n // MT * MT
-            for j in range(0, whole, MT):  # pt[j, r] = k[s0 + j] . qs[r]
+            keys_per_tile = NARROW_KEYS if narrow else MT
+            whole = n // keys_per_tile * keys_per_tile
+            for j in range(0, whole, keys_per_tile):  # pt[j, r] = k[s0 + j] . qs[r]
                 # decode reads each layer's cache once, out of cache: ask for the keys KEYS_AHEAD on and for
                 # this tile's values (read after the block's softmax) before the loads wait on them
-                _prefetch_rows(keys, ks, j + KEYS_AHEAD, min(j + KEYS_AHEAD + MT, last - s0), D)
-                _prefetch_rows(values, vs, j, j + MT, D)
-                tile_store(keys + j * ks, ks, qt.ctypes.data, row, pt[j:].ctypes.data, row, D)
+                _prefetch_rows(keys, ks, j + KEYS_AHEAD, min(j + KEYS_AHEAD + keys_per_tile, last - s0), D)
+                _prefetch_rows(values, vs, j, j + keys_per_tile, D)
+                if narrow:
+                    narrow_store(keys + j * ks, ks, qt.ctypes.data, row, pt[j:].ctypes.data, row, D)
+                else:
+                    tile_store(keys + j * ks, ks, qt.ctypes.data, row, pt[j:].ctypes.data, row, D)
             for j in range(whole, n):
-                row_store(keys + j * ks, ks, qt.ctypes.data, row, pt[j:].ctypes.data, row, D)
+                if narrow:
+                    narrow_row_store(keys + j * ks, ks, qt.ctypes.data, row, pt[j:].ctypes.data, row, D)
+                else:
+                    row_store(keys + j * ks, ks, qt.ctypes.data, row, pt[j:].ctypes.data, row, D)
             for r in range(R):
                 for j in range(n):
                     p[r, j] = pt[j, r]
             _softmax_rows(p, lo, hi, s0, n, _round_up(n, COLS), t0, G, R, acc, row_max, denom)
-            if values_in_place:  # acc[r, d] += sum_j p[r, j] v[s0 + j, d]
-                _matmul_at(p.ctypes.data, p.strides[0], values, vs, acc.ctypes.data, acc.strides[0], Rp, Dp, n)
-            else:
+            if not values_in_place:
                 vb[:n, :D] = v[s0:s0 + n, kv]
-                _matmul(p, vb, acc, Rp, Dp, n, True)
+            source, stride = (values, vs) if values_in_place else (vb.ctypes.data, vb.strides[0])
+            if narrow:  # acc[r, d] += sum_j p[r, j] v[s0 + j, d], rows 0..7 in one-vector tiles
+                for d in range(0, Dp, LANES):
+                    narrow_add(p.ctypes.data, p.strides[0], source + 4 * d, stride, acc[0, d:].ctypes.data,
+                               acc.strides[0], n)
+            else:
+                _matmul_at(p.ctypes.data, p.strides[0], source, stride, acc.ctypes.data, acc.strides[0], Rp, Dp, n)
         _write_rows(acc, row_max, denom, kv, G, t0, R, out, lse)
 
     @njit(fastmath=FAST, cache=True)
