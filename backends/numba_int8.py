@@ -23,7 +23,9 @@ left spinning when decode starts); numba-w8a8 on a CPU with AVX-512 VNNI multipl
 in register tiles instead (backends/vnni.py; REFQWEN_INT8_PATH forces a path). The embedding is stored the same way and
 dequantized row by row on lookup. Attention over the cache is a parallel Numba kernel
 (backends/numba_attention.py); norms, rotary and the MoE router stay in float32 (the reference's
-code). docs/backends.md describes each kernel and its measured speed.
+code). A dense model's decode step runs the same kernels as two compiled functions a layer, without the
+model's Python between them (backends/numba_decode.py). docs/backends.md describes each kernel and its
+measured speed.
 """
 
 import weakref
