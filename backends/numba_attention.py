@@ -35,13 +35,13 @@ try:
     from numba import njit, prange
 
     from refqwen.backends.float_tiles import COLS, LANES, MT, make_tile, row_store, tile_add, tile_store, vector_max
+    from refqwen.backends.numba_math import exp_nonpositive
+    from refqwen.backends.prefetch import prefetch
 
     NARROW_KEYS = 8  # keys (rows) of a one-vector tile: 8 accumulators, 10 of the 16 vector registers
     narrow_store = make_tile(NARROW_KEYS, 1, accumulate=False)  # c[8, LANES] = a[8, :k] @ b[:k, LANES]
     narrow_add = make_tile(NARROW_KEYS, 1, accumulate=True)
     narrow_row_store = make_tile(1, 1, accumulate=False)
-    from refqwen.backends.numba_math import exp_nonpositive
-    from refqwen.backends.prefetch import prefetch
 except ImportError:  # the backends that use this module report numba as unavailable
     njit = None
 
@@ -56,9 +56,13 @@ EMPTY = np.float32(-3.0e38)  # running maximum of a row that has seen no key yet
 def attention(q, keys, values, start: int, window: int | None) -> np.ndarray:
     """q [T, H, D] at positions start .. start+T-1; keys, values [S, KV, D] -> [T, H, D]"""
     positions = np.arange(start, start + q.shape[0])
-    first = np.zeros_like(positions) if window is None else np.maximum(0, positions - window + 1)
-    out, _ = attend_ranges(q, keys, values, first, positions + 1, q.shape[2] ** -0.5)
+    out, _ = attend_ranges(q, keys, values, first_visible_key(positions, window), positions + 1, q.shape[2] ** -0.5)
     return out
+
+
+def first_visible_key(positions, window: int | None):
+    """The earliest key a query at each position sees (the causal mask's lower end; 0 without a window)."""
+    return np.maximum(0, positions - window + 1) if window is not None else np.zeros_like(positions)
 
 
 def attend_ranges(q, keys, values, lo, hi, scale: float):
@@ -169,11 +173,11 @@ if njit is not None:
         values_in_place = D % COLS == 0  # else a tile's last columns would read past the head
         vb = np.zeros((0 if values_in_place else KEY_BLOCK, Dp), np.float32)
         ks, vs, row = k.strides[0], v.strides[0], 4 * COLS
+        keys_per_tile = NARROW_KEYS if narrow else MT
         first, last = lo[t0:t1].min(), hi[t0:t1].max()
         for s0 in range(first, last, KEY_BLOCK):
             n = min(KEY_BLOCK, last - s0)
             keys, values = k[s0, kv].ctypes.data, v[s0, kv].ctypes.data  # key s0 + j: j * ks bytes further
-            keys_per_tile = NARROW_KEYS if narrow else MT
             whole = n // keys_per_tile * keys_per_tile
             for j in range(0, whole, keys_per_tile):  # pt[j, r] = k[s0 + j] . qs[r]
                 # decode reads each layer's cache once, out of cache: ask for the keys KEYS_AHEAD on and for

@@ -32,7 +32,7 @@ from refqwen.model.rope import rotary_cos_sin
 try:
     from numba import njit
 
-    from refqwen.backends.numba_attention import _attention_kernel
+    from refqwen.backends.numba_attention import _attention_kernel, first_visible_key
     from refqwen.backends.numba_math import apply_rotary, rms_norm, swiglu
 except ImportError:  # the backends that use this module report numba as unavailable
     njit = None
@@ -114,7 +114,7 @@ class LeanDecode:
         cos, sin = rotary_cos_sin(cfg.rope_inv_freq, np.arange(start, start + 1), cfg.rope_attention_factor)
         self.x[:] = self.backend.embed(ids, model.embed_tokens)
         for layer, layer_cache in zip(self.layers, cache.layers):
-            self.lo[0] = 0 if layer.window is None else max(0, start - layer.window + 1)  # as numba_attention does
+            self.lo[0] = first_visible_key(start, layer.window)
             self.hi[0] = start + 1
             self.run_layer(layer, layer_cache.append, cos, sin)
         rms_norm(self.x, model.norm, self.eps, self.normed)
