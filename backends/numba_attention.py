@@ -15,7 +15,10 @@ share a key/value head and QUERY_BLOCK positions are R = G x QUERY_BLOCK rows th
 and value they load. Per block of KEY_BLOCK keys, the scores (rows x keys) and the weighted sum of
 values (rows x head size) are matrix products done in register tiles (backends/float_tiles.py), and
 between them each row's running maximum, weights and sum are updated with vectorized max and exp.
-Decode (T = 1) is one task per key/value head, and its few rows (G <= COLS) take another route
+Decode (T = 1) is one task per key/value head where there are as many threads as heads; with more threads
+(the 0.5B and 1.5B models have 2 key/value heads, the 7B 4) each head's keys are also cut into ranges of at
+least SPLIT_KEYS, one task each, merged by their log-sum-exp (flash-decoding; `decode_splits`), so that
+no thread sits idle while a long cache is read. A decode step's few rows (G <= COLS) take another route
 (`_attend_few_rows`): with 7 rows, copying each block of keys transposed and of values into tile order
 cost more than the products. There the scores come out transposed (keys x rows) from tiles that read the
 keys where they lie in the cache, only the small block of weights is transposed, and the values are read
@@ -32,7 +35,7 @@ from refqwen.model import dca
 from refqwen.model.hooks import UNTRACED
 
 try:
-    from numba import njit, prange
+    from numba import get_num_threads, njit, prange
 
     from refqwen.backends.float_tiles import COLS, LANES, MT, make_tile, row_store, tile_add, tile_store, vector_max
     from refqwen.backends.numba_math import exp_nonpositive
@@ -48,6 +51,7 @@ except ImportError:  # the backends that use this module report numba as unavail
 QUERY_BLOCK = 16  # query positions per task
 KEY_BLOCK = 256  # keys per step of the online softmax (a multiple of the tiles' COLS)
 KEYS_AHEAD = 24  # keys prefetched ahead of a decode query's tiles
+SPLIT_KEYS = 256  # decode: the fewest keys a range of its own is worth
 # Floating-point reassociation lets LLVM vectorize the sums; no "ninf"/"nnan": the masks rely on them.
 FAST = {"reassoc", "contract"}
 EMPTY = np.float32(-3.0e38)  # running maximum of a row that has seen no key yet
@@ -65,15 +69,24 @@ def first_visible_key(positions, window: int | None):
     return np.maximum(0, positions - window + 1) if window is not None else np.zeros_like(positions)
 
 
-def attend_ranges(q, keys, values, lo, hi, scale: float):
+def attend_ranges(q, keys, values, lo, hi, scale: float, splits: int | None = None):
     """softmax(scale q k) v where query t [of q, T x H x D] sees keys lo[t] .. hi[t]-1 of keys, values [S, KV, D].
-    -> (out [T, H, D], lse [T, H]); a query that sees no key gets out 0 and lse -inf."""
+    -> (out [T, H, D], lse [T, H]); a query that sees no key gets out 0 and lse -inf. `splits`: for one query,
+    the ranges each key/value head's keys are cut into (default: decode_splits)."""
     q = np.ascontiguousarray(q, np.float32)
     keys, values = np.ascontiguousarray(keys, np.float32), np.ascontiguousarray(values, np.float32)
     lo, hi = np.ascontiguousarray(lo, np.int64), np.ascontiguousarray(hi, np.int64)
     out, lse = np.empty_like(q), np.empty(q.shape[:2], np.float32)
-    _attention_kernel(q, keys, values, lo, hi, np.float32(scale), out, lse)
+    if splits is None:
+        splits = decode_splits(int(hi[0] - lo[0]), keys.shape[1]) if q.shape[0] == 1 else 1
+    _attention_kernel(q, keys, values, lo, hi, np.float32(scale), splits, out, lse)
     return out, lse
+
+
+def decode_splits(keys: int, kv_heads: int) -> int:
+    """Ranges each key/value head's keys are cut into for one query: enough for every thread to have a task
+    (KV tasks leave threads idle where there are more), each of SPLIT_KEYS keys at least."""
+    return max(1, min(-(-get_num_threads() // kv_heads), keys // SPLIT_KEYS))
 
 
 def dual_chunk_attention(q, keys, values, start: int, inv_freq, attention_factor: float, cfg, hook=UNTRACED):
@@ -96,7 +109,7 @@ def warm_up():
     """Compile (or load from Numba's cache) the kernel."""
     x = np.ones((1, 1, 2), np.float32)
     one = np.ones(1, np.int64)
-    _attention_kernel(x, x, x, one * 0, one, np.float32(1), np.empty_like(x), np.empty((1, 1), np.float32))
+    _attention_kernel(x, x, x, one * 0, one, np.float32(1), 1, np.empty_like(x), np.empty((1, 1), np.float32))
 
 
 if njit is not None:
@@ -120,19 +133,37 @@ if njit is not None:
         return (n + m - 1) // m * m
 
     @njit(parallel=True, fastmath=FAST, cache=True)
-    def _attention_kernel(q, k, v, lo, hi, scale, out, lse):
+    def _attention_kernel(q, k, v, lo, hi, scale, splits, out, lse):
         T, H, D = q.shape
         KV = k.shape[1]
         G = H // KV
+        if T == 1 and G <= COLS and splits > 1:
+            _attend_in_splits(q, k, v, lo, hi, scale, splits, out, lse)
+            return
         n_blocks = (T + QUERY_BLOCK - 1) // QUERY_BLOCK
         for task in prange(KV * n_blocks):
             kv = task % KV
             t0 = _balanced_block(task // KV, n_blocks) * QUERY_BLOCK
             t1 = min(t0 + QUERY_BLOCK, T)
             if (t1 - t0) * G <= COLS:
-                _attend_few_rows(q, k, v, lo, hi, scale, kv, G, t0, t1, out, lse)
+                _attend_few_rows(q, k, v, lo, hi, scale, kv, G, t0, t1, lo[t0:t1].min(), hi[t0:t1].max(), out, lse)
             else:
                 _attend_rows(q, k, v, lo, hi, scale, kv, G, t0, t1, out, lse)
+
+    @njit(parallel=True, fastmath=FAST, cache=True)
+    def _attend_in_splits(q, k, v, lo, hi, scale, splits, out, lse):
+        """One query (T = 1) with each key/value head's keys lo[0]..hi[0]-1 cut into `splits` ranges: KV x splits
+        tasks, each range's softmax on its own, merged by log-sum-exp (flash-decoding)."""
+        H, D = q.shape[1], q.shape[2]
+        KV = k.shape[1]
+        G = H // KV
+        parts_out, parts_lse = np.empty((splits, 1, H, D), np.float32), np.empty((splits, 1, H), np.float32)
+        for task in prange(KV * splits):
+            kv, part = task % KV, task // KV
+            a = lo[0] + (hi[0] - lo[0]) * part // splits
+            b = lo[0] + (hi[0] - lo[0]) * (part + 1) // splits
+            _attend_few_rows(q, k, v, lo, hi, scale, kv, G, 0, 1, a, b, parts_out[part], parts_lse[part])
+        _merge_by_lse(parts_out, parts_lse, out, lse)
 
     @njit(fastmath=FAST, cache=True)
     def _attend_rows(q, k, v, lo, hi, scale, kv, G, t0, t1, out, lse):
@@ -157,8 +188,9 @@ if njit is not None:
         _write_rows(acc, row_max, denom, kv, G, t0, R, out, lse)
 
     @njit(fastmath=FAST, cache=True)
-    def _attend_few_rows(q, k, v, lo, hi, scale, kv, G, t0, t1, out, lse):
-        """_attend_rows for R <= COLS rows, reading keys (and values, when D is a multiple of COLS) in place."""
+    def _attend_few_rows(q, k, v, lo, hi, scale, kv, G, t0, t1, first, last, out, lse):
+        """_attend_rows for R <= COLS rows, over keys first..last-1 of their ranges, reading keys (and values,
+        when D is a multiple of COLS) in place."""
         D = q.shape[2]
         R, Rp, Dp = (t1 - t0) * G, _round_up((t1 - t0) * G, MT), _round_up(D, COLS)
         # up to 8 rows (a decode step's G <= 8 heads): one-vector tiles, without the 16-column tiles' zeros
@@ -174,7 +206,6 @@ if njit is not None:
         vb = np.zeros((0 if values_in_place else KEY_BLOCK, Dp), np.float32)
         ks, vs, row = k.strides[0], v.strides[0], 4 * COLS
         keys_per_tile = NARROW_KEYS if narrow else MT
-        first, last = lo[t0:t1].min(), hi[t0:t1].max()
         for s0 in range(first, last, KEY_BLOCK):
             n = min(KEY_BLOCK, last - s0)
             keys, values = k[s0, kv].ctypes.data, v[s0, kv].ctypes.data  # key s0 + j: j * ks bytes further
@@ -207,6 +238,28 @@ if njit is not None:
             else:
                 _matmul_at(p.ctypes.data, p.strides[0], source, stride, acc.ctypes.data, acc.strides[0], Rp, Dp, n)
         _write_rows(acc, row_max, denom, kv, G, t0, R, out, lse)
+
+    @njit(fastmath=FAST, cache=True)
+    def _merge_by_lse(parts_out, parts_lse, out, lse):
+        """out [T, H, D], lse [T, H] of one softmax over the union of the parts' keys, from each part's own
+        (parts_out [P, T, H, D], parts_lse [P, T, H]; a part that saw no key has lse -inf: weight 0)."""
+        P, T, H, D = parts_out.shape
+        for t in range(T):
+            for h in range(H):
+                top = parts_lse[:, t, h].max()
+                out[t, h] = 0.0
+                if top == -np.inf:
+                    lse[t, h] = -np.inf
+                    continue
+                total = np.float32(0.0)
+                for part in range(P):
+                    weight = np.exp(parts_lse[part, t, h] - top)
+                    total += weight
+                    for d in range(D):
+                        out[t, h, d] += weight * parts_out[part, t, h, d]
+                for d in range(D):
+                    out[t, h, d] /= total
+                lse[t, h] = top + np.log(total)
 
     @njit(fastmath=FAST, cache=True)
     def _gather_queries(q, scale, kv, G, t0, R, qs):

@@ -32,7 +32,7 @@ from refqwen.model.rope import rotary_cos_sin
 try:
     from numba import njit
 
-    from refqwen.backends.numba_attention import _attention_kernel, first_visible_key
+    from refqwen.backends.numba_attention import _attention_kernel, decode_splits, first_visible_key
     from refqwen.backends.numba_math import apply_rotary, rms_norm, swiglu
 except ImportError:  # the backends that use this module report numba as unavailable
     njit = None
@@ -128,8 +128,9 @@ class LeanDecode:
         attention_input(self.x, layer.attn_norm, self.eps, self.normed, layer.qkv[1], self.qkv, layer.qkv_bias,
                         self.q_raw, self.k_raw, cos, sin, self.q, self.k)
         keys, values = append(self.k, self.v)  # [S, KV, D] each
-        attention_output_and_mlp(self.x, self.q, keys, values, self.lo, self.hi, self.scale, self.z, self.z_flat,
-                                 self.lse, layer.o[1], self.o, layer.mlp_norm, self.eps, self.normed,
+        splits = decode_splits(int(self.hi[0] - self.lo[0]), keys.shape[1])
+        attention_output_and_mlp(self.x, self.q, keys, values, self.lo, self.hi, self.scale, splits, self.z,
+                                 self.z_flat, self.lse, layer.o[1], self.o, layer.mlp_norm, self.eps, self.normed,
                                  layer.gate_up[1], self.gate_up, self.gate, self.up, self.act, layer.down[1],
                                  self.down)
 
@@ -144,10 +145,10 @@ def attention_input(x, attn_norm, eps, normed, qkv_arrays, qkv, bias, q_raw, k_r
     apply_rotary(k_raw, cos, sin, k)
 
 
-def attention_output_and_mlp(x, q, keys, values, lo, hi, scale, z, z_flat, lse, o_arrays, o, mlp_norm, eps,
+def attention_output_and_mlp(x, q, keys, values, lo, hi, scale, splits, z, z_flat, lse, o_arrays, o, mlp_norm, eps,
                              normed, gate_up_arrays, gate_up, gate, up, act, down_arrays, down):
     """x += o(attention(q, keys, values)); x += down(silu(gate) * up) of rms_norm(x)"""
-    _attention_kernel(q, keys, values, lo, hi, scale, z, lse)
+    _attention_kernel(q, keys, values, lo, hi, scale, splits, z, lse)
     project_o(z_flat, o_arrays, o[0])
     for c in range(x.shape[1]):
         x[0, c] += o[0, c]

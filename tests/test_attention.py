@@ -97,13 +97,17 @@ def test_attention_memory_is_linear_not_quadratic():
 
 @settings(max_examples=60, deadline=None)
 @given(T=st.integers(1, 40), S=st.integers(1, 600), KV=st.integers(1, 3), G=st.integers(1, 8),
-       D=st.sampled_from([2, 8, 64, 80]), scale=st.sampled_from([0.05, 0.3, 2.0]), seed=st.integers(0, 2**31))
+       D=st.sampled_from([2, 8, 64, 80]), scale=st.sampled_from([0.05, 0.3, 2.0]), seed=st.integers(0, 2**31),
+       splits=st.sampled_from([None, 1, 2, 3, 8]))
 # decode's few rows (T x G <= 16) over several key blocks, values read in place (D = 64) and copied (D = 80)
-@example(T=1, S=600, KV=2, G=7, D=64, scale=0.3, seed=1)
-@example(T=2, S=600, KV=1, G=8, D=80, scale=0.3, seed=2)
-def test_numba_attend_ranges_against_float64(T, S, KV, G, D, scale, seed):
+@example(T=1, S=600, KV=2, G=7, D=64, scale=0.3, seed=1, splits=1)
+@example(T=2, S=600, KV=1, G=8, D=80, scale=0.3, seed=2, splits=None)
+# one query's keys cut into ranges, merged by log-sum-exp (some ranges empty: 8 of a handful of keys)
+@example(T=1, S=600, KV=2, G=7, D=64, scale=0.3, seed=3, splits=3)
+@example(T=1, S=600, KV=1, G=14, D=64, scale=2.0, seed=4, splits=8)
+def test_numba_attend_ranges_against_float64(T, S, KV, G, D, scale, seed, splits):
     """backends/numba_attention.attend_ranges: query t sees keys lo[t] .. hi[t]-1 (any range, empty too),
-    out and log-sum-exp against the float64 definition."""
+    out and log-sum-exp against the float64 definition; for one query, with its keys cut into `splits` ranges."""
     from refqwen.backends import numba_attention
 
     rng = np.random.default_rng(seed)
@@ -113,7 +117,7 @@ def test_numba_attend_ranges_against_float64(T, S, KV, G, D, scale, seed):
     hi = np.minimum(S, lo + rng.integers(0, S + 1, T))
     empty = rng.random(T) < 0.2
     hi[empty] = lo[empty]
-    out, lse = numba_attention.attend_ranges(q, k, v, lo, hi, scale)
+    out, lse = numba_attention.attend_ranges(q, k, v, lo, hi, scale, splits)
     for t in range(T):
         for h in range(KV * G):
             if lo[t] == hi[t]:

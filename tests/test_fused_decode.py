@@ -82,6 +82,28 @@ def test_lean_decode_is_the_models_step(name, kind):
     assert (plan is None) == kind.startswith("moe")
 
 
+# A decode query's keys cut into ranges (flash-decoding) and merged by log-sum-exp: the same softmax summed in
+# another order, so float32 rounding apart; logits of these tiny models are O(1).
+SPLIT_ATOL = 1e-4
+
+
+@pytest.mark.parametrize("kind", ["dense-untied", "dense-sliding"])
+def test_decode_with_keys_cut_into_ranges(kind, monkeypatch):
+    """With more threads than key/value heads a decode query's keys are cut into ranges, one task each: the lean
+    step still equals the model's step bit for bit, and both the step with whole ranges to rounding."""
+    from refqwen.backends import numba_attention
+
+    whole, _ = decode_steps("numba-w8a8", kind, True)
+    monkeypatch.setattr(numba_attention, "get_num_threads", lambda: 8)  # 8 ranges per key/value head here
+    monkeypatch.setattr(numba_attention, "SPLIT_KEYS", 2)
+    assert numba_attention.decode_splits(12, 1) == 6
+    lean, _ = decode_steps("numba-w8a8", kind, True)
+    model_step, _ = decode_steps("numba-w8a8", kind, False)
+    assert np.array_equal(lean, model_step)
+    assert not np.array_equal(lean, whole)  # the ranges did run
+    np.testing.assert_allclose(lean, whole, rtol=0, atol=SPLIT_ATOL)
+
+
 def test_lean_decode_checks_its_input_and_steps_aside_for_a_trace():
     cfg = tiny_config("dense-untied")
     ops = backends.get("numba-w4a8")

@@ -7,6 +7,7 @@ transformers runs), alternated in one process; prints times and ratios to torch.
 --layers 24 gives every engine 24 layers' queries, keys and values and times one call per layer (the
 figure printed is per layer): a decode step's caches, out of the CPU caches as they are there.
 --base-file another version of backends/numba_attention.py, run beside this tree's as "numba-base".
+--heads H,KV,D another model's heads (Qwen2-7B: 28,4,128).
 """
 
 import argparse
@@ -24,7 +25,9 @@ def main():
     p.add_argument("--skip-reference", action="store_true", help="leave out the (slow) NumPy reference")
     p.add_argument("--layers", type=int, default=1, help="distinct layers' arrays, one call each per run")
     p.add_argument("--base-file", help="another version of backends/numba_attention.py to run beside this one")
+    p.add_argument("--heads", default="14,2,64", help="query heads, key/value heads, head size (default: the demo's)")
     args = p.parse_args()
+    H, KV, D = (int(n) for n in args.heads.split(","))
 
     import torch
 
@@ -40,7 +43,7 @@ def main():
     decode = [(1, int(n)) for n in args.decode.split(",") if n]
     for T, S in prefill + decode:
         engines = case(T, S, torch, numba_attention, None if args.skip_reference else causal_attention, base,
-                       args.layers)
+                       args.layers, H, KV, D)
         times = {name: [] for name in engines}
         for _ in range(args.repeats):
             for name, run in engines.items():
