@@ -453,6 +453,11 @@ class DeviceKVCache:
     def length(self) -> int:
         return self.layers[0].length
 
+    def reserve(self, positions: int):
+        """Room for `positions` in every layer (refqwen.model.cache.KVCache.reserve)."""
+        for layer in self.layers:
+            layer.reserve(positions)
+
 
 def bytes_needed(config, storage: str, kv_tokens: int = KV_RESERVE_TOKENS) -> int:
     """Device bytes to hold a model of this config with this weight storage, a float32 KV cache for

@@ -40,7 +40,7 @@ def measure(engine: str, model_path: str, prompt_tokens: int, decode_tokens: int
     load_s = time.perf_counter() - t0
     ids = np.random.default_rng(0).integers(1000, 30000, prompt_tokens)
     t0 = time.perf_counter()
-    step = run(ids)  # prefill; returns a function that decodes one more token
+    step = run(ids, decode_tokens)  # prefill; returns a function that decodes one more token
     prefill_s = time.perf_counter() - t0
     steps_ms = []
     for _ in range(decode_tokens):
@@ -113,8 +113,9 @@ def _refqwen_runner(model_path, backend):
 
     model = refqwen.load(model_path, backend=backend, progress=False)
 
-    def run(ids):
+    def run(ids, decode_tokens):
         cache = model.new_cache()
+        cache.reserve(len(ids) + decode_tokens)  # as refqwen.generate does
         logits = model.logits(ids, cache, last_only=True)  # where the backend keeps them (a GPU's memory)
         float(logits[-1, 0])  # wait for the result: a GPU backend returns before it is computed
 
@@ -147,7 +148,7 @@ def _transformers_runner(model_path):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.eval()
 
-    def run(ids):
+    def run(ids, decode_tokens):  # transformers grows its own cache
         with torch.no_grad():
             out = model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
         state = {"out": out}

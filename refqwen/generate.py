@@ -132,6 +132,7 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, sampling: Sa
                                                  "and one generated token"))
     rng = np.random.default_rng(seed)
     cache = model.new_cache()
+    cache.reserve(min(limit, len(prompt_ids) + max_new_tokens))  # the steps after the prompt then copy nothing
     logits = prefill(model, prompt_ids, cache)  # [V], where the backend keeps it
     history = list(prompt_ids)
     for i in range(max_new_tokens):

@@ -265,3 +265,21 @@ def test_attention_pattern_traced_on_a_device_cache():
     for i in range(cfg.num_hidden_layers):
         q, k = t[f"layers.{i}.attn.q_rot"], t[f"layers.{i}.attn.k_rot"]
         np.testing.assert_array_equal(t[f"layers.{i}.attn.pattern"], attention_pattern(q, k, 0, cfg.window(i)))
+
+
+def test_device_cache_reserve_keeps_what_it_holds():
+    """DeviceKVCache.reserve (what generate asks of any cache): room for n positions in every layer, the
+    positions already there kept, appends up to n in the same buffers."""
+    ops = CupyBackend(host=True)
+    cache = ops.new_cache(2, 2, 4)
+    rng = np.random.default_rng(0)
+    k, v = (rng.standard_normal((3, 2, 4)).astype(np.float32) for _ in range(2))
+    for layer in cache.layers:
+        layer.append(k, v)
+    cache.reserve(1000)
+    buffers = [layer.k for layer in cache.layers]
+    for layer in cache.layers:
+        assert layer.k.shape[1] >= 1000 and layer.length == 3
+        np.testing.assert_array_equal(layer.keys[:3], k)
+        layer.append(k, v)
+    assert all(layer.k is b for layer, b in zip(cache.layers, buffers))

@@ -23,6 +23,12 @@ class LayerCache:
         self.length = end
         return self.keys[:end], self.values[:end]
 
+    def reserve(self, capacity: int):
+        """Room for `capacity` positions now, so that appends up to it copy nothing."""
+        if capacity > self.keys.shape[0]:
+            self.keys = _grow(self.keys, capacity, self.length)
+            self.values = _grow(self.values, capacity, self.length)
+
 
 def _grow(buffer: np.ndarray, capacity: int, used: int) -> np.ndarray:
     bigger = np.empty((capacity, *buffer.shape[1:]), buffer.dtype)
@@ -39,3 +45,9 @@ class KVCache:
     @property
     def length(self) -> int:
         return self.layers[0].length
+
+    def reserve(self, positions: int):
+        """Room for `positions` in every layer at once (a generation's prompt and new tokens): without it the
+        first decode step after a prompt copies every layer's keys and values into buffers twice the size."""
+        for layer in self.layers:
+            layer.reserve(positions)
