@@ -6,9 +6,15 @@ reference, which lives with the model. This package holds only the accelerated b
 `get(name)` makes one.
 """
 
+import functools
+import hashlib
 import importlib
+import os
+from pathlib import Path
 
 from refqwen.errors import RefqwenError
+
+SOURCES = Path(__file__).parent
 
 # name -> "module:class"
 REGISTRY = {
@@ -53,3 +59,39 @@ def get(name: str):
     if reason is not None:
         raise RefqwenError(f"backend {name!r} cannot run here: {reason}")
     return _backend_class(name)()
+
+
+@functools.cache
+def sources_stamp(folder: Path = SOURCES) -> str:
+    """8 hex digits that change with any .py file of `folder` (its name, size and modification time)."""
+    digest = hashlib.sha1()
+    for path in sorted(folder.glob("*.py")):
+        stat = path.stat()
+        digest.update(f"{path.name} {stat.st_mtime_ns} {stat.st_size};".encode())
+    return digest.hexdigest()[:8]
+
+
+def drop_stale_numba_cache(folder: Path = SOURCES):
+    """Numba's disk cache checks only the file a function is defined in, and the kernels here call intrinsics
+    and functions of the other files here (an edited float_tiles.py would leave numba_attention's cached
+    kernels stale, silently): when any source here changed since the cache was written, all of it goes."""
+    cache = folder / "__pycache__"
+    marker = cache / "numba-sources.stamp"
+    stamp = sources_stamp.__wrapped__(folder)
+    try:
+        if marker.read_text() == stamp:
+            return
+    except OSError:
+        pass
+    try:
+        for path in cache.glob("*.nb[ic]"):
+            path.unlink(missing_ok=True)
+        cache.mkdir(exist_ok=True)
+        partial = cache / f"numba-sources.stamp.{os.getpid()}.tmp"
+        partial.write_text(stamp)
+        partial.replace(marker)
+    except OSError:
+        pass  # not writable (an installed package): Numba caches elsewhere, and these files are not edited
+
+
+drop_stale_numba_cache()

@@ -19,13 +19,12 @@ Shapes: C hidden size, H query heads, KV key/value heads, D head size, I MLP wid
 """
 
 import functools
-import hashlib
 import types as pytypes
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
+from refqwen.backends import sources_stamp
 from refqwen.model.mlp import MLP
 from refqwen.model.rope import rotary_cos_sin
 
@@ -167,25 +166,13 @@ def compiled_layer(project_qkv, project_o, project_gate_up, project_down):
     backends' sources."""
     kernels = dict(project_qkv=project_qkv, project_o=project_o, project_gate_up=project_gate_up,
                    project_down=project_down)
-    suffix = "_".join(k.py_func.__qualname__ for k in kernels.values()) + "_" + _backends_stamp()
+    suffix = "_".join(k.py_func.__qualname__ for k in kernels.values()) + "_" + sources_stamp()
     compiled = []
     for function in (attention_input, attention_output_and_mlp):
         bound = pytypes.FunctionType(function.__code__, {**function.__globals__, **kernels}, function.__name__)
         bound.__qualname__ = f"{function.__qualname__}_{suffix}"
         compiled.append(njit(cache=True)(bound))
     return tuple(compiled)
-
-
-@functools.cache
-def _backends_stamp() -> str:
-    """8 hex digits that change with any file of backends/: Numba's disk cache checks only the file a function
-    is defined in, and a compiled layer takes in kernels from the others (an edited kernel must not be served
-    from a stale layer)."""
-    digest = hashlib.sha1()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
-        stat = path.stat()
-        digest.update(f"{path.name} {stat.st_mtime_ns} {stat.st_size};".encode())
-    return digest.hexdigest()[:8]
 
 
 def _fused_weight(*members):
