@@ -51,8 +51,10 @@ if njit is not None:
         for c in range(COLS):
             if c < n:
                 row, row_scales = q[o0 + c], scales[o0 + c]
-                for i in range(row.shape[0]):
-                    panel[i, c] = np.float32(row[i]) * row_scales[i // group]
+                for g in range(row_scales.shape[0]):  # group by group: no division per weight
+                    s = row_scales[g]
+                    for i in range(g * group, min(g * group + group, row.shape[0])):
+                        panel[i, c] = np.float32(row[i]) * s
             else:
                 panel[:, c] = 0.0
 
@@ -62,11 +64,13 @@ if njit is not None:
         for c in range(COLS):
             if c < n:
                 row, row_scales, row_zeros = packed[o0 + c], scales[o0 + c], zeros[o0 + c]
-                for k in range(row.shape[0]):
-                    byte, g = np.int32(row[k]), (2 * k) // group
+                half = group // 2  # bytes of a group
+                for g in range(row_scales.shape[0]):  # group by group: no division per weight
                     z, s = np.float32(row_zeros[g]), row_scales[g]
-                    panel[2 * k, c] = (np.float32(byte & 15) - z) * s
-                    panel[2 * k + 1, c] = (np.float32(byte >> 4) - z) * s
+                    for k in range(g * half, g * half + half):
+                        byte = np.int32(row[k])
+                        panel[2 * k, c] = (np.float32(byte & 15) - z) * s
+                        panel[2 * k + 1, c] = (np.float32(byte >> 4) - z) * s
             else:
                 panel[:, c] = 0.0
 

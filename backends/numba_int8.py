@@ -171,7 +171,7 @@ class NumbaInt8Backend(Backend):
             y = vnni.linear_w8a8(x, weight, "vnni")
         else:
             if self.quantize_activations:  # same products as the int32 kernel, summed in float32
-                x = quant.dequantize(*quant.quantize_activations(x))
+                x = numba_quant.round_trip_activations(x)
             y = numba_gemm.matmul(x, weight)  # in Numba's pool, as decode: no BLAS threads left spinning
         return self._add(y, bias)
 

@@ -49,7 +49,34 @@ def quantize_scheme(w, scheme: str, name: str = "weight", rows_per_chunk: int = 
     return quant.QuantizedWeight(q, scales if group else scales[:, 0])
 
 
+def round_trip_activations(x) -> np.ndarray:
+    """quant.dequantize(*quant.quantize_activations(x)), bit for bit, in one parallel pass: the activations a
+    W8A8 or W4A8 prefill multiplies in float32 (x [T, I]; NumPy's version passed over a [T, I] array about ten
+    times: ~19 ms for a 512-token prompt's down projection input)."""
+    x = np.ascontiguousarray(x, np.float32)
+    if njit is None:
+        return quant.dequantize(*quant.quantize_activations(x))
+    out = np.empty_like(x)
+    _int8_round_trip_rows(x, quant.GROUP, out)
+    return out
+
+
 if njit is not None:
+
+    @njit(inline="always", cache=True)
+    def _int8_scale(row, a, b):
+        """The int8 scale of row[a:b]: max |w| / 127 in float32, NaN if the group holds a NaN (quant.quantize)."""
+        m, nan = np.float32(0), False
+        for j in range(a, b):
+            v = abs(row[j])
+            nan |= v != v
+            m = max(m, v)
+        return np.float32(np.nan) if nan else m / np.float32(127)
+
+    @njit(inline="always", cache=True)
+    def _to_int8(v, s):
+        """round(v / s) half to even, clipped to +-127; 0 for a NaN or zero scale (np.where(s > 0, ..., 0))."""
+        return np.int8(min(max(np.rint(v / s), np.float32(-127)), np.float32(127))) if s > 0 else np.int8(0)
 
     @njit(parallel=True, cache=True)
     def _int8_rows(w, group, q, scales):
@@ -58,16 +85,20 @@ if njit is not None:
         for r in prange(R):
             for g in range(scales.shape[1]):
                 a, b = g * group, min(g * group + group, I)  # the last group may be shorter
-                m, nan = np.float32(0), False
+                s = scales[r, g] = _int8_scale(w[r], a, b)
                 for j in range(a, b):
-                    v = abs(w[r, j])
-                    nan |= v != v
-                    m = max(m, v)
-                s = np.float32(np.nan) if nan else m / np.float32(127)
-                scales[r, g] = s
-                for j in range(a, b):  # a NaN or zero scale: zeros, as np.where(s > 0, ..., 0)
-                    q[r, j] = np.int8(min(max(np.rint(w[r, j] / s), np.float32(-127)), np.float32(127))) \
-                        if s > 0 else 0
+                    q[r, j] = _to_int8(w[r, j], s)
+
+    @njit(parallel=True, cache=True)
+    def _int8_round_trip_rows(x, group, out):
+        """out [T, I] = the int8 values of x [T, I] times their scales: quant.dequantize(*quant.quantize(x))."""
+        T, I = x.shape
+        for t in prange(T):
+            for a in range(0, I, group):
+                b = min(a + group, I)
+                s = _int8_scale(x[t], a, b)
+                for j in range(a, b):
+                    out[t, j] = np.float32(_to_int8(x[t, j], s)) * s
 
     @njit(parallel=True, cache=True)
     def _int4_rows(w, group, packed, scales, zeros):

@@ -59,6 +59,16 @@ def test_equals_the_reference_bit_for_bit(R, groups, kind, seed, scheme, short):
     assert_same(numba_quant.quantize_scheme(w, scheme), quant.quantize_scheme(w, scheme))
 
 
+@settings(max_examples=40, deadline=None)
+@given(T=st.integers(1, 9), groups=st.integers(1, 5), kind=st.sampled_from(KINDS), seed=st.integers(0, 2**32 - 1),
+       short=st.integers(0, 31))
+def test_activations_round_trip_as_the_reference(T, groups, kind, seed, short):
+    """What a W8A8/W4A8 prefill multiplies: quant.dequantize(*quant.quantize_activations(x)), bit for bit."""
+    x = weights(np.random.default_rng(seed), T, max(groups * 32 - short, 1), kind)
+    expected = quant.dequantize(*quant.quantize_activations(x))
+    assert np.array_equal(numba_quant.round_trip_activations(x), expected, equal_nan=True)
+
+
 @pytest.mark.parametrize("scheme", sorted(quant.SCHEMES))
 def test_a_large_matrix_and_a_memory_map(scheme, tmp_path):
     w = np.random.default_rng(0).standard_normal((300, 4864)).astype(np.float32) * 0.02
