@@ -63,6 +63,7 @@ try:
     from numba.core import cgutils
     from numba.extending import intrinsic
 
+    from refqwen.backends.numba_quant import int8_scale, to_int8
     from refqwen.backends.prefetch import AHEAD, emit_prefetch
 except ImportError:  # the Numba backends report it (unavailable_reason)
     njit = None
@@ -255,27 +256,16 @@ if njit is not None:
 
         return row_dot
 
-    @njit(inline="always", cache=True)
-    def _group_scale(chunk):
-        """max |x| / 127 of a group, rounded as quant.quantize rounds it."""
-        return np.float32(np.abs(chunk).max() / np.float32(127))
-
-    @njit(inline="always", cache=True)
-    def _to_int8(value, s):
-        """round(value / s) clipped to +-127, half to even (np.rint), 0 for a zero scale: quant.quantize."""
-        return np.int8(min(max(np.rint(value / s), -127), 127)) if s > 0 else np.int8(0)
-
     @njit(cache=True)
     def quantize_token(x, group, x_even, x_odd, xs, x_sums):
         """x [I] float32 -> int8 halves x_even, x_odd [I/2], scales xs [I/32] (as quant.quantize_activations)
         and x_sums [I/group] (dequantized values summed per weight group): the int4 GEMV's operands."""
         x_sums[:] = 0
         for a in range(x.shape[0] // 32):
-            chunk = x[32 * a:32 * a + 32]
-            s = _group_scale(chunk)
+            s = int8_scale(x, 32 * a, 32 * a + 32)
             total = 0
             for k in range(32):
-                v = _to_int8(chunk[k], s)
+                v = to_int8(x[32 * a + k], s)
                 total += np.int32(v)
                 if k % 2 == 0:
                     x_even[16 * a + k // 2] = v
@@ -290,10 +280,10 @@ if njit is not None:
         shorter): the int8 GEMV's operands."""
         I = x.shape[0]
         for a in range(xs.shape[0]):
-            chunk = x[32 * a:min(32 * a + 32, I)]
-            s = _group_scale(chunk)
-            for k in range(chunk.shape[0]):
-                xq[32 * a + k] = _to_int8(chunk[k], s)
+            b = min(32 * a + 32, I)
+            s = int8_scale(x, 32 * a, b)
+            for j in range(32 * a, b):
+                xq[j] = to_int8(x[j], s)
             xs[a] = s
 
     row_dot32 = make_row_dot(_pairs_generic, _quads_generic, 32)

@@ -11,6 +11,8 @@ compare them with np.array_equal): int8 in float32 (max |w| / 127, w / s rounded
 +-127), int4 in float64 (quant.int4_scales: the scale rounded down to float32, the zero point and the values
 rounded half away from zero). A NaN in a group gives that group the reference's NaN scale and zero
 integers; the loaders refuse infinities before a backend sees a weight (checkpoint/weights.check_finite).
+The int8 rounding of a group (`int8_scale`, `to_int8`) is also the one numba-w8a8 and numba-w4a8 apply to a
+token's activations (backends/int_gemv.py, and `round_trip_activations` for prefill).
 """
 
 import numpy as np
@@ -64,7 +66,7 @@ def round_trip_activations(x) -> np.ndarray:
 if njit is not None:
 
     @njit(inline="always", cache=True)
-    def _int8_scale(row, a, b):
+    def int8_scale(row, a, b):
         """The int8 scale of row[a:b]: max |w| / 127 in float32, NaN if the group holds a NaN (quant.quantize)."""
         m, nan = np.float32(0), False
         for j in range(a, b):
@@ -74,7 +76,7 @@ if njit is not None:
         return np.float32(np.nan) if nan else m / np.float32(127)
 
     @njit(inline="always", cache=True)
-    def _to_int8(v, s):
+    def to_int8(v, s):
         """round(v / s) half to even, clipped to +-127; 0 for a NaN or zero scale (np.where(s > 0, ..., 0))."""
         return np.int8(min(max(np.rint(v / s), np.float32(-127)), np.float32(127))) if s > 0 else np.int8(0)
 
@@ -85,9 +87,9 @@ if njit is not None:
         for r in prange(R):
             for g in range(scales.shape[1]):
                 a, b = g * group, min(g * group + group, I)  # the last group may be shorter
-                s = scales[r, g] = _int8_scale(w[r], a, b)
+                s = scales[r, g] = int8_scale(w[r], a, b)
                 for j in range(a, b):
-                    q[r, j] = _to_int8(w[r, j], s)
+                    q[r, j] = to_int8(w[r, j], s)
 
     @njit(parallel=True, cache=True)
     def _int8_round_trip_rows(x, group, out):
@@ -96,9 +98,9 @@ if njit is not None:
         for t in prange(T):
             for a in range(0, I, group):
                 b = min(a + group, I)
-                s = _int8_scale(x[t], a, b)
+                s = int8_scale(x[t], a, b)
                 for j in range(a, b):
-                    out[t, j] = np.float32(_to_int8(x[t, j], s)) * s
+                    out[t, j] = np.float32(to_int8(x[t, j], s)) * s
 
     @njit(parallel=True, cache=True)
     def _int4_rows(w, group, packed, scales, zeros):
