@@ -6,7 +6,6 @@ reference, which lives with the model. This package holds only the accelerated b
 `get(name)` makes one.
 """
 
-import functools
 import hashlib
 import importlib
 import os
@@ -61,7 +60,6 @@ def get(name: str):
     return _backend_class(name)()
 
 
-@functools.cache
 def sources_stamp(folder: Path = SOURCES) -> str:
     """8 hex digits that change with any .py file of `folder` (its name, size and modification time)."""
     digest = hashlib.sha1()
@@ -77,7 +75,7 @@ def drop_stale_numba_cache(folder: Path = SOURCES):
     kernels stale, silently): when any source here changed since the cache was written, all of it goes."""
     cache = folder / "__pycache__"
     marker = cache / "numba-sources.stamp"
-    stamp = sources_stamp.__wrapped__(folder)
+    stamp = sources_stamp(folder)
     try:
         if marker.read_text() == stamp:
             return

@@ -421,8 +421,7 @@ class DeviceLayerCache:
             return self.k, self.v
         end = self.length + k.shape[0]
         if end > self.k.shape[1]:
-            capacity = max(end, 2 * self.k.shape[1], 256)
-            self.k, self.v = (self._grow(buffer, capacity) for buffer in (self.k, self.v))
+            self.reserve(max(end, 2 * self.k.shape[1], 256))
         self.k[:, self.length:end] = self.xp.asarray(k).transpose(1, 0, 2)
         self.v[:, self.length:end] = self.xp.asarray(v).transpose(1, 0, 2)
         self.length = end

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from refqwen.backends import sources_stamp
 from refqwen.model.mlp import MLP
 from refqwen.model.rope import rotary_cos_sin
 
@@ -162,11 +161,11 @@ def attention_output_and_mlp(x, q, keys, values, lo, hi, scale, splits, z, z_fla
 @functools.cache
 def compiled_layer(project_qkv, project_o, project_gate_up, project_down):
     """attention_input and attention_output_and_mlp compiled with these kernels (decode_gemv's) bound in: plain
-    functions with their own globals, so that Numba's disk cache keeps them, named after the kernels and the
-    backends' sources."""
+    functions with their own globals, so that Numba's disk cache keeps them, named after the kernels (an edited
+    kernel's file drops the cache: backends.drop_stale_numba_cache)."""
     kernels = dict(project_qkv=project_qkv, project_o=project_o, project_gate_up=project_gate_up,
                    project_down=project_down)
-    suffix = "_".join(k.py_func.__qualname__ for k in kernels.values()) + "_" + sources_stamp()
+    suffix = "_".join(k.py_func.__qualname__ for k in kernels.values())
     compiled = []
     for function in (attention_input, attention_output_and_mlp):
         bound = pytypes.FunctionType(function.__code__, {**function.__globals__, **kernels}, function.__name__)

@@ -15,9 +15,7 @@ class LayerCache:
         """Add k, v [T, KV, D]; return all keys and values so far, [S + T, KV, D] each (views)."""
         end = self.length + k.shape[0]
         if end > self.keys.shape[0]:
-            capacity = max(end, 2 * self.keys.shape[0], 16)
-            self.keys = _grow(self.keys, capacity, self.length)
-            self.values = _grow(self.values, capacity, self.length)
+            self.reserve(max(end, 2 * self.keys.shape[0], 16))
         self.keys[self.length:end] = k
         self.values[self.length:end] = v
         self.length = end
